@@ -1,0 +1,213 @@
+"""Bottleneck adapters: small MLPs inserted at sub-layer outputs (function composition).
+
+Sequential (Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2021, arXiv:2005.00247)::
+
+    h (sub-layer output, before the residual add)
+    └─> [base LN(h + r) if original_ln_before] ─> down ─> act ─> up ─> ·scaling ─> (+ h) ─> h'
+
+Parallel (He et al. 2022, arXiv:2110.04366) reads the sub-layer *input*, the residual r::
+
+    h' = h + scaling · up(act(down(r)))
+
+The base model then adds r and applies its own LayerNorm as usual, so `h'` replaces `h`. With
+`init="zero_up"` (the default) the up projection starts at zero and a new adapter is exactly the
+identity. Bottleneck size = hidden // reduction_factor unless `bottleneck_size` is given.
+
+Presets (registered names): `houlsby` (after attention and FFN, swish), `pfeiffer` (after FFN,
+relu, the base LayerNorm before the adapter), `parallel` (branch from the FFN input, scaling 1),
+`scaled_parallel` (the same with scaling 4, He et al.'s "scaled PA"). On BERT-base at reduction
+factor 16, pfeiffer trains 12 × (768·48 + 48 + 48·768 + 768) = 894,528 parameters; houlsby twice
+that, 1,789,056.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.activations import get_activation
+
+from ..config import ModuleConfig, check
+from ..registry import register_method
+from ..sites import Attachment, SiteCall, Unit
+from ..targets import ModelView
+
+Placement = Literal["attn_output", "ffn_output"]
+
+
+class BottleneckUnit(Unit):
+    """One adapter MLP at one sub-layer output.
+
+    Args:
+        hidden: the model width; bottleneck: the inner width.
+        config: placement-independent settings (mode, activation, layer norms, scaling, init).
+    """
+
+    stage = 1
+    needs_residual = True
+
+    def __init__(self, hidden: int, bottleneck: int, config: BottleneckConfig) -> None:
+        super().__init__()
+        self.parallel = config.mode == "parallel"
+        self.original_ln_before = config.original_ln_before
+        self.residual_before_ln = config.residual_before_ln
+        self.scaling = config.scaling
+        self.ln_before = nn.LayerNorm(hidden) if config.ln_before else None
+        self.down = nn.Linear(hidden, bottleneck)
+        self.act = get_activation(config.activation)
+        self.up = nn.Linear(bottleneck, hidden)
+        self.ln_after = nn.LayerNorm(hidden) if config.ln_after else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        _initialise(self, config.init)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling · up(act(down(x))), with the optional adapter-own layer norms. (..., hidden)."""
+        if self.ln_before is not None:
+            x = self.ln_before(x)
+        out = self.dropout(self.up(self.act(self.down(x)))) * self.scaling
+        return out
+
+    def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
+        r = call.residual
+        if self.parallel:
+            if r is None:
+                raise RuntimeError("parallel adapter: the site did not capture the sub-layer input")
+            out = self.branch(r.to(self.down.weight.dtype))
+            if self.ln_after is not None:
+                out = self.ln_after(out)
+            return h + out.to(h.dtype)
+        x = h.to(self.down.weight.dtype)
+        residual = x
+        if self.original_ln_before:
+            if r is None:
+                raise RuntimeError("adapter with original_ln_before: the site did not capture the residual")
+            # The base model's own post-LN (when the family has one) feeds the adapter, as in Pfeiffer.
+            x = x + r.to(x.dtype)
+            x = call.norm(x) if call.norm is not None else x
+            if not self.residual_before_ln:
+                residual = x
+        out = self.branch(x)
+        if self.ln_after is not None:
+            out = self.ln_after(out + residual)
+            return out.to(h.dtype)
+        return (out + residual).to(h.dtype)
+
+
+def _initialise(unit: BottleneckUnit, init: str) -> None:
+    with torch.no_grad():
+        if init == "zero_up":
+            nn.init.kaiming_uniform_(unit.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(unit.down.bias)
+            nn.init.zeros_(unit.up.weight)
+            nn.init.zeros_(unit.up.bias)
+        elif init == "bert":
+            for linear in (unit.down, unit.up):
+                nn.init.normal_(linear.weight, std=0.02)
+                nn.init.zeros_(linear.bias)
+        elif init == "houlsby":
+            for linear in (unit.down, unit.up):
+                nn.init.trunc_normal_(linear.weight, std=1e-2, a=-2e-2, b=2e-2)
+                nn.init.zeros_(linear.bias)
+
+
+@dataclass(frozen=True)
+class BottleneckConfig(ModuleConfig):
+    """Bottleneck adapter settings (shared by the four presets; each preset changes defaults).
+
+    Attributes:
+        reduction_factor: bottleneck = hidden // reduction_factor.
+        bottleneck_size: explicit inner width (overrides reduction_factor).
+        placement: sub-layer outputs to adapt: "attn_output", "ffn_output".
+        mode: "sequential" (transform h) or "parallel" (branch from the sub-layer input r).
+        activation: any HuggingFace activation name (relu, swish/silu, gelu, tanh, ...).
+        scaling: multiplier on the adapter output.
+        original_ln_before: feed the adapter LN(h + r) using the base model's LayerNorm.
+        residual_before_ln: the adapter's own residual is h (True) or LN(h + r) (False).
+        ln_before, ln_after: adapter-own LayerNorms on its input / output.
+        dropout: dropout on the adapter output.
+        init: "zero_up" (exact identity at start), "bert" (N(0, 0.02)), "houlsby" (trunc. N(0, 0.01)).
+        layers: only these layer indices (None: all).
+    """
+
+    reduction_factor: float = 16.0
+    bottleneck_size: int | None = None
+    placement: tuple[Placement, ...] = ("ffn_output",)
+    mode: Literal["sequential", "parallel"] = "sequential"
+    activation: str = "relu"
+    scaling: float = 1.0
+    original_ln_before: bool = False
+    residual_before_ln: bool = True
+    ln_before: bool = False
+    ln_after: bool = False
+    dropout: float = 0.0
+    init: Literal["zero_up", "bert", "houlsby"] = "zero_up"
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        m = self.method or "bottleneck"
+        check(self.reduction_factor > 0, m, "reduction_factor", f"must be > 0, got {self.reduction_factor}")
+        check(
+            self.bottleneck_size is None or self.bottleneck_size >= 1,
+            m,
+            "bottleneck_size",
+            f"must be >= 1, got {self.bottleneck_size}",
+        )
+        check(len(self.placement) > 0, m, "placement", "name at least one of attn_output, ffn_output")
+        check(0 <= self.dropout < 1, m, "dropout", f"must be in [0, 1), got {self.dropout}")
+        try:
+            get_activation(self.activation)
+        except KeyError:
+            check(False, m, "activation", f"unknown activation '{self.activation}'")
+
+    def inner_size(self, hidden: int) -> int:
+        """The bottleneck width for a model of width `hidden`."""
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return max(1, int(hidden // self.reduction_factor))
+
+    def build(self, view: ModelView) -> list[Attachment]:
+        """One `BottleneckUnit` per placement in every chosen layer."""
+        if view.hidden_size is None:
+            raise ValueError(f"{self.method}: cannot read hidden_size from the {view.model_type} config")
+        inner = self.inner_size(view.hidden_size)
+        return [
+            Attachment(point.path, BottleneckUnit(view.hidden_size, inner, self), hook=point)
+            for point in view.hook_points(self.placement, self.layers)
+        ]
+
+
+@register_method(
+    "houlsby", BottleneckUnit, "sequential bottleneck after attention and FFN (Houlsby et al. 2019)"
+)
+@dataclass(frozen=True)
+class HoulsbyConfig(BottleneckConfig):
+    placement: tuple[Placement, ...] = ("attn_output", "ffn_output")
+    activation: str = "swish"
+
+
+@register_method(
+    "pfeiffer", BottleneckUnit, "sequential bottleneck after the FFN only (Pfeiffer et al. 2021)"
+)
+@dataclass(frozen=True)
+class PfeifferConfig(BottleneckConfig):
+    placement: tuple[Placement, ...] = ("ffn_output",)
+    activation: str = "relu"
+    original_ln_before: bool = True
+
+
+@register_method("parallel", BottleneckUnit, "bottleneck branch parallel to the FFN (He et al. 2022)")
+@dataclass(frozen=True)
+class ParallelConfig(BottleneckConfig):
+    mode: Literal["sequential", "parallel"] = "parallel"
+
+
+@register_method(
+    "scaled_parallel", BottleneckUnit, "parallel bottleneck with output scaling 4 (He et al. 2022)"
+)
+@dataclass(frozen=True)
+class ScaledParallelConfig(BottleneckConfig):
+    mode: Literal["sequential", "parallel"] = "parallel"
+    scaling: float = 4.0

@@ -1,0 +1,113 @@
+"""LoRA: a trainable low-rank change to frozen projections (Hu et al., 2021, arXiv:2106.09685).
+
+::
+
+    x ──> W (frozen) ──────────────(+)──> h = W x + s · B A x
+    └──> dropout ──> A (r×in) ──> B (out×r) ──> ·s
+
+`A` starts Kaiming-uniform and `B` at zero, so a new module leaves the model unchanged. The scale
+is s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732). Because
+the branch is linear, it merges into the weight exactly: W' = W + s · B A (transposed for GPT-2's
+Conv1D, whose weight is stored as (in, out)).
+
+Parameter count per target projection: r · (in + out); r=8 on BERT-base query and value gives
+12 layers × 2 × 8 × (768 + 768) = 294,912.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..config import ModuleConfig, check
+from ..registry import register_method
+from ..sites import Attachment, SiteCall, Unit
+from ..targets import ModelView, projection_shape
+
+
+class LoraUnit(Unit):
+    """Low-rank delta on one projection.
+
+    Args:
+        in_features, out_features: the projection's sizes.
+        r: rank; alpha: scale numerator; rslora: divide by sqrt(r) instead of r.
+        dropout: dropout on the branch input; fan_in_fan_out: the base weight is (in, out).
+    """
+
+    stage = 0
+    mergeable = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        fan_in_fan_out: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(r, in_features))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
+        x = call.inputs[0]
+        x = self.dropout(x.to(self.lora_A.dtype))
+        # (..., in) @ (in, r) @ (r, out) -> (..., out); the rank-r product never forms B A.
+        delta = (x @ self.lora_A.t()) @ self.lora_B.t()
+        return h + (delta * self.scale).to(h.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = (self.lora_B @ self.lora_A) * self.scale  # (out, in)
+        return delta.t() if self.fan_in_fan_out else delta
+
+
+@register_method("lora", LoraUnit, "low-rank delta s·BA on chosen projections (Hu et al. 2021); mergeable")
+@dataclass(frozen=True)
+class LoraConfig(ModuleConfig):
+    """LoRA settings.
+
+    Attributes:
+        r: rank of the update.
+        alpha: scale numerator (s = alpha / r, or alpha / sqrt(r) with `rslora`).
+        dropout: dropout on the LoRA branch input.
+        targets: projection roles (`query`, `key`, `value`, `attn_out`, `ffn_in`, `ffn_out`),
+            module-name suffixes, `re:<regex>` or `all-linear`.
+        layers: only these layer indices (None: every layer).
+        rslora: rank-stabilised scaling alpha / sqrt(r).
+        init: "kaiming" (A Kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r), B zero).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("query", "value")
+    layers: tuple[int, ...] | None = None
+    rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+    def __post_init__(self) -> None:
+        check(self.r >= 1, "lora", "r", f"must be >= 1, got {self.r}")
+        check(self.alpha > 0, "lora", "alpha", f"must be > 0, got {self.alpha}")
+        check(0 <= self.dropout < 1, "lora", "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(len(self.targets) > 0, "lora", "targets", "name at least one projection")
+
+    def build(self, view: ModelView) -> list[Attachment]:
+        """One `LoraUnit` per targeted projection."""
+        attachments = []
+        for path in view.projections(self.targets, self.layers):
+            in_f, out_f, fan_in_fan_out = projection_shape(view.module(path))
+            unit = LoraUnit(in_f, out_f, self.r, self.alpha, self.dropout, self.rslora, fan_in_fan_out)
+            if self.init == "gaussian":
+                nn.init.normal_(unit.lora_A, std=1 / self.r)
+            attachments.append(Attachment(path, unit))
+        return attachments

@@ -1,0 +1,435 @@
+"""ModularModel: one frozen HuggingFace model, many named modules.
+
+    mm = modfit.wrap(model)                    # model: any transformers PreTrainedModel
+    mm.add("sst", modfit.config("lora", r=8), head=modfit.head("seq-cls", ["neg", "pos"]))
+    mm.activate("sst")                         # or "stack(en, ner)", or a Composition
+    mm.train_only("sst")                       # freeze everything but sst's units and head
+    out = mm(**batch)                          # head mode: loss and logits from sst's head
+    mm.model(**batch)                          # or the HF model itself, modules applied
+    mm.save("sst", "out/sst"); mm.load("out/sst", name="sst2")
+
+The model keeps its classes and forward code; modules attach through `Site` hooks and live in a
+container at `model.modfit`, so `model.parameters()` (Trainer, DDP, optimisers) sees them.
+Removing every module removes the container and the hooks: the state dict is the base's again.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .composition import Composition, CompositionError, as_composition
+from .config import ModuleConfig
+from .heads import Head, HeadConfig, build_head, head_loss
+from .registry import method_entry
+from .sites import Site, Unit
+from .targets import ModelView
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+CONTAINER = "modfit"
+
+
+@dataclass
+class ModuleRecord:
+    """What the model knows about one named module.
+
+    Attributes:
+        name: the module's name; config: its method config; head: its head config, if any.
+        sites: paths (relative to base_model) of the sites holding its units.
+        merged: whether its deltas are folded into the base weights.
+        card: extra card fields kept for saving (task, language, metrics, ...).
+    """
+
+    name: str
+    config: ModuleConfig
+    head: HeadConfig | None
+    sites: list[str]
+    merged: bool = False
+    card: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModularOutput(ModelOutput):
+    """Head-mode output: `loss` (when labels were given), `logits`, and the last hidden states."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class Container(nn.Module):
+    """Holds the sites and heads inside the HuggingFace model (`model.modfit`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+
+
+def _site_key(path: str) -> str:
+    return path.replace(".", "__")
+
+
+class ModularModel(nn.Module):
+    """A HuggingFace model with named modules that can be added, combined, trained, merged, saved.
+
+    Args:
+        model: the base model; `mm.model` stays a normal transformers model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        from .persistence import fingerprint  # persistence imports this module
+
+        self.model = model
+        model.__dict__["_modfit_owner"] = weakref.ref(self)  # lets wrap() find this wrapper again
+        self.view = ModelView(model)
+        self.records: dict[str, ModuleRecord] = {}
+        self._composition: Composition | None = None
+        self._head_name: str | None = None
+        # Taken before any merge changes the weights: it identifies the base modules were trained on.
+        self.base_fingerprint = fingerprint(self.view)
+
+    # -- containers ------------------------------------------------------------------------------
+
+    @property
+    def container(self) -> Container:
+        existing = getattr(self.model, CONTAINER, None)
+        if existing is None:
+            existing = Container()
+            self.model.add_module(CONTAINER, existing)
+        return existing
+
+    def _drop_container_if_empty(self) -> None:
+        existing = getattr(self.model, CONTAINER, None)
+        if existing is not None and len(existing.sites) == 0 and len(existing.heads) == 0:
+            delattr(self.model, CONTAINER)
+
+    # -- adding and removing -------------------------------------------------------------------
+
+    @property
+    def module_names(self) -> list[str]:
+        """Names of the modules on this model, in the order they were added."""
+        return list(self.records)
+
+    def add(
+        self,
+        name: str,
+        config: ModuleConfig,
+        head: HeadConfig | None = None,
+        *,
+        task: str | None = None,
+        language: str | None = None,
+    ) -> None:
+        """Attach a new module (inactive until `activate`).
+
+        Args:
+            name: letters, digits, `_` and `-`; unique on this model.
+            config: a method config, e.g. `modfit.config("lora", r=8)`.
+            head: a task head trained and saved with the module.
+            task, language: recorded on the module's card.
+
+        Raises:
+            ValueError: invalid or duplicate name.
+            TargetError: the config's targets match nothing on this model.
+        """
+        if not _NAME.match(name):
+            raise ValueError(
+                f"module name '{name}' must start with a letter or digit and use only [A-Za-z0-9_-]"
+            )
+        if name in self.records:
+            raise ValueError(f"a module named '{name}' already exists; remove it or choose another name")
+        method_entry(config.method)  # the config's method must be registered
+        attachments = config.build(self.view)  # type: ignore[attr-defined]
+        if not attachments:
+            raise ValueError(f"module '{name}' ({config.method}) attaches nowhere on this model")
+        record = ModuleRecord(name, config, head, [], card={"task": task or (head.task if head else None)})
+        if language is not None:
+            record.card["language"] = language
+        self.records[name] = record
+        try:
+            for attachment in attachments:
+                site = self._site(attachment.path)
+                if attachment.hook is not None and attachment.unit.needs_residual:
+                    point = attachment.hook
+                    norm = self.view.module(point.norm_path) if point.norm_path else None
+                    site.read_residual(point.residual, self.view.module(point.residual_path), norm)
+                site.add_unit(name, self._place(attachment.unit, site.target))
+                record.sites.append(attachment.path)
+            if head is not None:
+                self.set_head(name, head)
+        except BaseException:
+            self.remove(name)
+            raise
+
+    def set_head(self, name: str, head: HeadConfig) -> None:
+        """Give module `name` a (new) task head, replacing any it had."""
+        record = self._record(name)
+        if self.view.hidden_size is None:
+            raise ValueError("cannot build a head: the model config has no hidden_size")
+        built = build_head(head, self.view.hidden_size, self.model)
+        reference = next(self.model.parameters())
+        self.container.heads[name] = built.to(device=reference.device, dtype=_unit_dtype(reference.dtype))
+        record.head = head
+        record.card["task"] = head.task
+
+    def remove(self, name: str) -> None:
+        """Detach module `name` (unmerging it first if merged) and its head.
+
+        Raises:
+            KeyError: no such module.
+        """
+        record = self._record(name)
+        if record.merged:
+            self.unmerge(name)
+        container = self.container
+        for path in record.sites:
+            key = _site_key(path)
+            site = container.sites[key]
+            site.remove_unit(name)
+            if len(site.units) == 0:
+                site.close()
+                del container.sites[key]
+        if name in container.heads:
+            del container.heads[name]
+        del self.records[name]
+        if self._composition is not None and name in self._composition.names():
+            self.deactivate()
+        self._drop_container_if_empty()
+
+    def _site(self, path: str) -> Site:
+        sites = self.container.sites
+        key = _site_key(path)
+        if key not in sites:
+            sites[key] = Site(path, self.view.module(path))
+        site: Site = sites[key]  # type: ignore[assignment]
+        return site
+
+    def _place(self, unit: Unit, target: nn.Module) -> Unit:
+        reference = next(target.parameters(), None)
+        if reference is None:  # e.g. a dropout: use the model's first parameter
+            reference = next(self.model.parameters())
+        return unit.to(device=reference.device, dtype=_unit_dtype(reference.dtype))
+
+    def _record(self, name: str) -> ModuleRecord:
+        try:
+            return self.records[name]
+        except KeyError:
+            known = ", ".join(self.records) or "none"
+            raise KeyError(f"no module named '{name}' on this model (modules: {known})") from None
+
+    # -- activation ----------------------------------------------------------------------------
+
+    def activate(self, composition: Composition | str, head: str | None = None) -> None:
+        """Make a module or composition active for every forward pass.
+
+        Args:
+            composition: a module name, an expression string ("stack(en, ner)") or a Composition.
+            head: whose head `mm(...)` uses; default: the last module in the composition with one.
+
+        Raises:
+            CompositionError: unknown names, or a merged module (already in the weights).
+        """
+        expr = as_composition(composition)
+        names = expr.names()
+        for n in names:
+            if n not in self.records:
+                known = ", ".join(self.records) or "none"
+                raise CompositionError(f"composition '{expr}' names unknown module '{n}' (modules: {known})")
+        self._composition = expr
+        self._refresh_sites()
+        if head is not None:
+            if self._record(head).head is None:
+                raise ValueError(f"module '{head}' has no head")
+            self._head_name = head
+        else:
+            with_heads = [n for n in names if self.records[n].head is not None]
+            self._head_name = with_heads[-1] if with_heads else None
+
+    def deactivate(self) -> None:
+        """No module active (merged modules stay in the weights)."""
+        self._composition = None
+        self._head_name = None
+        self._refresh_sites()
+
+    def _refresh_sites(self) -> None:
+        # Merged modules are already in the weights: their units must not run a second time.
+        names = [] if self._composition is None else self._composition.names()
+        running = [n for n in names if not self.records[n].merged]
+        existing = getattr(self.model, CONTAINER, None)
+        if existing is not None:
+            for site in existing.sites.values():
+                site.set_active(running)
+
+    @property
+    def active(self) -> Composition | None:
+        """The active composition, or None."""
+        return self._composition
+
+    # -- parameters and training ---------------------------------------------------------------
+
+    def units(self, name: str) -> Iterator[tuple[str, Unit]]:
+        """(site path, unit) of module `name`."""
+        self._record(name)
+        for site in self.container.sites.values():
+            if name in site.units:
+                yield site.path, site.units[name]
+
+    def head_module(self, name: str) -> Head | None:
+        """The head of module `name`, if it has one."""
+        self._record(name)
+        existing = getattr(self.model, CONTAINER, None)
+        if existing is None or name not in existing.heads:
+            return None
+        built: Head = existing.heads[name]
+        return built
+
+    def module_parameters(self, name: str, include_head: bool = True) -> list[nn.Parameter]:
+        """The parameters owned by module `name` (its units, and its head unless excluded)."""
+        params = [p for _, unit in self.units(name) for p in unit.parameters()]
+        built = self.head_module(name) if include_head else None
+        if built is not None:
+            params.extend(built.parameters())
+        return params
+
+    def trainable_parameters(self, name: str, include_head: bool = False) -> int:
+        """Number of parameters module `name` trains (its units; plus its head if asked)."""
+        return sum(p.numel() for p in self.module_parameters(name, include_head=include_head))
+
+    def train_only(self, name: str) -> list[nn.Parameter]:
+        """Freeze every parameter of the model, including other modules, except module `name`'s.
+
+        Activates `name` if the active composition does not contain it.
+
+        Returns:
+            The parameters left trainable (units and head), e.g. for an optimizer.
+        """
+        record = self._record(name)
+        if record.merged:
+            raise ValueError(f"module '{name}' is merged into the weights; unmerge it before training")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        params = self.module_parameters(name)
+        for p in params:
+            p.requires_grad_(True)
+        if self._composition is None or name not in self._composition.names():
+            self.activate(name)
+        return params
+
+    # -- merging -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold module `name` into the base weights: W += delta. It then acts whatever is active.
+
+        Raises:
+            ValueError: the method is not mergeable (e.g. bottleneck adapters), or already merged.
+        """
+        record = self._record(name)
+        if record.merged:
+            raise ValueError(f"module '{name}' is already merged")
+        for path, unit in self.units(name):
+            if not unit.mergeable:
+                raise ValueError(
+                    f"module '{name}' ({record.config.method}) cannot be merged: its {type(unit).__name__} "
+                    f"at {path} is not linear in the weights"
+                )
+        for path, unit in self.units(name):
+            _apply_delta(self.view.module(path), unit.delta_weight(), +1)
+        record.merged = True
+        self._refresh_sites()
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        """Subtract module `name`'s delta from the base weights again (exact up to rounding)."""
+        record = self._record(name)
+        if not record.merged:
+            raise ValueError(f"module '{name}' is not merged")
+        for path, unit in self.units(name):
+            _apply_delta(self.view.module(path), unit.delta_weight(), -1)
+        record.merged = False
+        self._refresh_sites()
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, name: str, directory: str | Path, *, metrics: dict[str, float] | None = None) -> Path:
+        """Save module `name` (weights, head, card) to `directory`. See `modfit.persistence`."""
+        from .persistence import save_module
+
+        return save_module(self, name, directory, metrics=metrics)
+
+    def load(self, directory: str | Path, name: str | None = None, *, check_base: bool = True) -> str:
+        """Load a saved module; returns its name on this model. See `modfit.persistence`."""
+        from .persistence import load_module
+
+        return load_module(self, directory, name=name, check_base=check_base)
+
+    # -- head mode -----------------------------------------------------------------------------
+
+    @property
+    def head_name(self) -> str | None:
+        """The module whose head `forward` uses."""
+        return self._head_name
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> ModularOutput:
+        """Run the base model with the active modules, then the active head.
+
+        Returns:
+            `ModularOutput(loss, logits, hidden_states)`; loss only when `labels` are given.
+
+        Raises:
+            RuntimeError: no active module has a head (use `mm.model(...)` for the HF outputs).
+        """
+        if self._head_name is None:
+            raise RuntimeError(
+                "no active module has a head; add one with head=..., or call mm.model(...) directly"
+            )
+        built = self.container.heads[self._head_name]
+        encoder = (
+            self.model.get_encoder()
+            if getattr(self.model.config, "is_encoder_decoder", False)
+            else self.view.base_model
+        )
+        outputs = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = outputs[0]  # (batch, seq, hidden)
+        logits = built(hidden, attention_mask)
+        loss = head_loss(built.config.task, logits, labels) if labels is not None else None
+        return ModularOutput(loss=loss, logits=logits, hidden_states=hidden)
+
+
+def _unit_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    # Train module weights in at least float32 even on a half-precision base.
+    return torch.promote_types(base_dtype, torch.float32)
+
+
+def _apply_delta(module: nn.Module, delta: torch.Tensor, sign: int) -> None:
+    weight = module.weight
+    weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=sign)
+
+
+def wrap(model: nn.Module) -> ModularModel:
+    """Wrap a HuggingFace model; wrapping the same model twice returns the same ModularModel.
+
+    Args:
+        model: a transformers `PreTrainedModel` (bare encoder/decoder or with a task head).
+
+    Returns:
+        The ModularModel; `mm.model is model`.
+    """
+    owner_ref = model.__dict__.get("_modfit_owner")
+    owner = owner_ref() if owner_ref is not None else None
+    return owner if owner is not None else ModularModel(model)

@@ -1,0 +1,192 @@
+"""Sites: the places in a frozen base model where modules attach.
+
+A `Site` watches one module of the base model (a projection such as `attention.self.query`, or
+the last step of a sub-layer such as BERT's `output.dropout`) through forward hooks: the base
+model's classes and forward code stay exactly as HuggingFace wrote them. The site holds the
+*units* attached there, one per named module, and at forward time folds the active ones over the
+watched module's output::
+
+    h = watched_module(*inputs)                # the frozen computation
+    for unit in active_units:                  # parameter units first, then function units
+        h = unit(h, call)                      # call: inputs, residual r, post-LN, base module
+    return h
+
+Every method's per-site piece is a `Unit` with that one signature: LoRA adds a low-rank branch of
+the input (`h + s·B A x`), a sequential adapter transforms `h`, a parallel adapter adds a branch of
+the residual `r`. A site may also read the residual stream `r` from another module's forward input
+(a pre-hook), because parallel adapters and Pfeiffer's layer-norm placement need it.
+
+Sites live in the `ModularModel`'s container (a child of the HuggingFace model, so the Trainer,
+DDP and `.to()` see their parameters); removing the last unit removes the hooks.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .archs import InputRef
+from .targets import ResolvedHookPoint
+
+
+@dataclass
+class SiteCall:
+    """What a unit sees of one call of the watched module.
+
+    Attributes:
+        inputs: the watched module's positional inputs (`inputs[0]` is x for a projection).
+        residual: the residual stream r for a sub-layer site (None for projection sites).
+        norm: the post-residual LayerNorm of a post-LN family (None otherwise).
+        base: the watched module itself (a projection's weight for merge-free variants).
+    """
+
+    inputs: tuple[Any, ...]
+    residual: torch.Tensor | None
+    norm: nn.Module | None
+    base: nn.Module
+
+
+class Unit(nn.Module):
+    """A method's piece at one site: `forward(h, call) -> h`.
+
+    Attributes:
+        stage: 0 for parameter composition (a delta on the watched projection, computed from its
+            input), 1 for function composition (a transform of the output). Parameter units run
+            first so a function unit sees the full projection output.
+        mergeable: whether `delta_weight()` exists, i.e. the unit can be folded into the weight.
+        needs_residual: whether the site must capture the residual stream r.
+    """
+
+    stage: ClassVar[int] = 1
+    mergeable: ClassVar[bool] = False
+    needs_residual: ClassVar[bool] = False
+
+    def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The change to the watched module's weight, in that weight's own layout."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """Where a method puts one unit: the watched module's path and, for sub-layer sites, the hook
+    point telling the site where to read the residual stream and the post-LN."""
+
+    path: str
+    unit: Unit
+    hook: ResolvedHookPoint | None = None
+
+
+class _Ref:
+    """Holds a module without registering it as a child (the site must not own base modules)."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module | None) -> None:
+        self.module = module
+
+
+class Site(nn.Module):
+    """The units attached at one watched module, and the hooks that apply them.
+
+    Args:
+        path: the watched module's path relative to `model.base_model` (for messages and keys).
+        target: the watched module.
+    """
+
+    def __init__(self, path: str, target: nn.Module) -> None:
+        super().__init__()
+        self.path = path
+        self.units = nn.ModuleDict()
+        self._target = _Ref(target)
+        self._norm = _Ref(None)
+        self._residual_ref: InputRef | None = None
+        self._residual_module = _Ref(None)
+        self._active: list[Unit] = []
+        self._stash = threading.local()  # the residual captured by the pre-hook, per thread
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles.append(target.register_forward_hook(self._on_output, with_kwargs=True))
+
+    @property
+    def target(self) -> nn.Module:
+        """The watched base-model module."""
+        module = self._target.module
+        assert module is not None
+        return module
+
+    def read_residual(self, ref: InputRef, module: nn.Module, norm: nn.Module | None) -> None:
+        """Capture the residual stream from `module`'s forward input (see `archs.InputRef`).
+
+        Raises:
+            ValueError: the site already reads its residual from somewhere else.
+        """
+        if self._residual_ref is not None:
+            if self._residual_ref != ref or self._residual_module.module is not module:
+                raise ValueError(
+                    f"site {self.path}: conflicting residual sources {self._residual_ref} and {ref}"
+                )
+            return
+        self._residual_ref = ref
+        self._residual_module = _Ref(module)
+        self._norm = _Ref(norm)
+        self._handles.append(module.register_forward_pre_hook(self._on_residual, with_kwargs=True))
+
+    def add_unit(self, name: str, unit: Unit) -> None:
+        """Attach `unit` under the module name `name` (inactive until `set_active`)."""
+        if name in self.units:
+            raise ValueError(f"site {self.path} already holds a unit of module '{name}'")
+        self.units[name] = unit
+
+    def remove_unit(self, name: str) -> None:
+        """Detach the unit of module `name` and drop it from the active list."""
+        unit = self.units[name]
+        del self.units[name]
+        self._active = [u for u in self._active if u is not unit]
+
+    def set_active(self, names: list[str]) -> None:
+        """Activate the units of these modules, in this order within each stage."""
+        units = [self.units[n] for n in names if n in self.units]
+        self._active = sorted(units, key=lambda u: u.stage)  # stable: keeps composition order
+
+    def close(self) -> None:
+        """Remove the hooks; the site must not be used afterwards."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._active = []
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _on_residual(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ref = self._residual_ref
+        assert ref is not None
+        value = args[ref.arg] if len(args) > ref.arg else kwargs.get(ref.kwarg)
+        self._stash.residual = value
+
+    def _on_output(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        active = self._active
+        if not active:
+            return None  # leave the output untouched
+        residual = getattr(self._stash, "residual", None)
+        self._stash.residual = None  # do not keep activations alive after this call
+        if not args and kwargs:
+            args = tuple(kwargs.values())
+        call = SiteCall(inputs=args, residual=residual, norm=self._norm.module, base=module)
+        is_tuple = isinstance(output, tuple)
+        h = output[0] if is_tuple else output
+        for unit in active:
+            h = unit(h, call)
+        return (h, *output[1:]) if is_tuple else h
+
+
+def walk_units(sites: nn.ModuleDict, name: str) -> list[tuple[str, Unit]]:
+    """(site path, unit) for every site holding a unit of module `name`, in site order."""
+    return [(site.path, site.units[name]) for site in sites.values() if name in site.units]
