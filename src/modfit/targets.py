@@ -85,7 +85,10 @@ class ModelView:
         arch = self._require_arch("layer roles")
         refs = []
         for group in arch.groups:
-            layer_list = self.module(group.path)
+            try:
+                layer_list = self.module(group.path)
+            except AttributeError:  # e.g. T5EncoderModel has the encoder group only
+                continue
             count = len(layer_list)  # type: ignore[arg-type]
             wanted = range(count) if indices is None else [i for i in indices if 0 <= i < count]
             refs.extend(LayerRef(group, i, f"{group.path}.{i}") for i in wanted)
