@@ -1,0 +1,39 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first:
+# a virtual environment in .venv, torch 2.13.0 (the CPU wheel; installed first so nothing pulls a
+# CUDA build), then modfit with its dev extras.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.modfit-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup demo test lint typecheck unit clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,plot]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/modfit demo --out demo_out
+
+lint: setup
+	$(BIN)/ruff check src tests scripts bench
+	$(BIN)/ruff format --check src tests scripts bench
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/python -m pytest -q --durations=10
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .mypy_cache .ruff_cache

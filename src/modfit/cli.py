@@ -1,0 +1,126 @@
+"""The `modfit` command line: train, eval, predict, info, methods, count, demo.
+
+Every subcommand that prints results takes `--json` for machine-readable output. Errors that come
+from the user's input (a bad file, an unknown method, a module trained on another base) print one
+line `modfit: error: ...` and exit with status 2; nothing already saved is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError)
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="default", help="base model: 'default' (packaged MiniLM), a HF id or a folder")
+    p.add_argument("--load", action="append", default=[], metavar="DIR", help="a saved module (repeatable)")
+    p.add_argument("--compose", metavar="EXPR", help="composition, e.g. 'stack(lang, task)'")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["csv", "tsv", "jsonl", "conll", "text"], help="file format (default: by extension)")
+    p.add_argument("--text-column", help="text column of CSV/TSV/JSONL files (default: text or sentence)")
+    p.add_argument("--label-column", help="label column of CSV/TSV/JSONL files (default: label)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `modfit` (exposed for the docs and tests)."""
+    parser = argparse.ArgumentParser(prog="modfit", description="Modular parameter-efficient fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"modfit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a new module (frozen base, optional frozen loaded modules)")
+    _common_model_args(p)
+    _data_args(p)
+    p.add_argument("--task", required=True, choices=["seq-cls", "token-cls", "mlm", "causal-lm"])
+    p.add_argument("--method", required=True, help="a registered method (see `modfit methods`)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
+    p.add_argument("--train", required=True, metavar="FILE")
+    p.add_argument("--eval", metavar="FILE")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the trained module")
+    p.add_argument("--name", help="module name (default: the --out folder's name)")
+    p.add_argument("--language", help="language code recorded on the module card")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--epochs", type=float)
+    group.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (default: 1e-3, or 5e-4 for MLM)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="write a resumable checkpoint every N steps")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an earlier interrupted run")
+    p.add_argument("--json", action="store_true")
+
+    for command, what in (("eval", "evaluate"), ("predict", "predict with")):
+        p = sub.add_parser(command, help=f"{what} saved modules on a data file")
+        _common_model_args(p)
+        _data_args(p)
+        p.add_argument("--data", required=True, metavar="FILE")
+        if command == "predict":
+            p.add_argument("--out", required=True, metavar="FILE", help="predictions (.jsonl, .csv, .tsv or .conll)")
+        else:
+            p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("info", help="show a saved module's card")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("count", help="count a method's parameters on a base (without training)")
+    p.add_argument("--base", default="default")
+    p.add_argument("--method", required=True)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="train, save, reload and use a LoRA sentiment module on the default base")
+    p.add_argument("--out", default="demo_out", metavar="DIR")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_params(items: Sequence[str]) -> dict[str, str]:
+    """`["r=8", "targets=query,value"]` -> {"r": "8", "targets": "query,value"}.
+
+    Raises:
+        ValueError: an item without `=` (the message quotes it).
+    """
+    params: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `modfit` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from . import commands
+
+    handler = getattr(commands, f"cmd_{args.command}")
+    try:
+        result: Any = handler(args)
+    except USER_ERRORS as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"modfit: error: {message}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False) and result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
