@@ -50,8 +50,10 @@ def run_demo(out: str = "demo_out", epochs: float = 3.0, seed: int = 0) -> dict[
     config = registry.config("lora", r=8, alpha=16, targets=("query", "value"))
     mm.add("sentiment", config, HeadConfig("seq-cls", labels), task="seq-cls", language="en")
     mm.activate("sentiment")
-    print(f"base: packaged all-MiniLM-L6-v2; module 'sentiment': lora r=8 on query,value, "
-          f"{mm.trainable_parameters('sentiment'):,} parameters (+ head)")
+    print(
+        f"base: packaged all-MiniLM-L6-v2; module 'sentiment': lora r=8 on query,value, "
+        f"{mm.trainable_parameters('sentiment'):,} parameters (+ head)"
+    )
 
     def collate_fn(features: list[dict]) -> dict[str, torch.Tensor]:
         return collate(features, tokenizer.pad_token_id)
@@ -82,7 +84,8 @@ def run_demo(out: str = "demo_out", epochs: float = 3.0, seed: int = 0) -> dict[
     new_features = encode(
         [TextExample(text=t) for t in NEW_SENTENCES], tokenizer, "seq-cls", labels=None, max_length=64
     )
-    for sentence, label in zip(NEW_SENTENCES, predict(fresh, new_features, collate_fn=collate_fn, batch_size=8)):
+    predictions = predict(fresh, new_features, collate_fn=collate_fn, batch_size=8)
+    for sentence, label in zip(NEW_SENTENCES, predictions, strict=True):
         print(f"  {label:>8}  {sentence}")
     print(f"done in {time.perf_counter() - started:.0f} s")
     return {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"]}

@@ -14,7 +14,7 @@ A head reads the base model's last hidden states (batch, seq, hidden) and return
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -122,19 +122,26 @@ class TokenClassificationHead(Head):
 
 
 class MaskedLmHead(Head):
-    """BERT-style transform with its decoder tied to the frozen input embeddings."""
+    """BERT-style transform with its decoder tied to the frozen input embeddings.
+
+    The transform maps to the embedding width, which is not the hidden size in every family
+    (ELECTRA's `embedding_size`), as ELECTRA's own generator head does.
+    """
 
     def __init__(self, config: HeadConfig, hidden: int, embeddings: nn.Module) -> None:
         super().__init__()
         self.config = config
-        self.dense = nn.Linear(hidden, hidden)
-        self.norm = nn.LayerNorm(hidden)
+        weight = embeddings.weight
+        assert isinstance(weight, torch.Tensor)
+        vocab, width = weight.shape  # (vocab, embedding width)
+        self.dense = nn.Linear(hidden, width)
+        self.norm = nn.LayerNorm(width)
         self._embeddings = _Ref(embeddings)
-        self.bias = nn.Parameter(torch.zeros(embeddings.weight.shape[0]))
+        self.bias = nn.Parameter(torch.zeros(vocab))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(hidden)))
-        weight = self._embeddings.module.weight  # (vocab, hidden), frozen and shared with the input
+        weight = cast(torch.Tensor, self._embeddings.module.weight)  # (vocab, width), frozen, tied to input
         return F.linear(x, weight.to(x.dtype), self.bias)
 
 
@@ -150,7 +157,7 @@ class CausalLmHead(Head):
         module = self._embeddings.module
         if isinstance(module, nn.Linear):
             return module(hidden)
-        return F.linear(hidden, module.weight)
+        return F.linear(hidden, cast(torch.Tensor, module.weight))
 
 
 def build_head(config: HeadConfig, hidden: int, model: nn.Module) -> Head:
@@ -189,4 +196,8 @@ def head_loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
         return F.cross_entropy(logits, labels)
     if task == "causal-lm":
         logits, labels = logits[:, :-1], labels[:, 1:]
+    if not bool((labels != -100).any()):
+        # No target in the batch (e.g. MLM masking chose nothing): a zero loss that keeps the graph,
+        # where the mean over zero targets would be NaN and poison the weights.
+        return logits.sum() * 0.0
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -73,6 +73,15 @@ class Container(nn.Module):
         self.sites = nn.ModuleDict()
         self.heads = nn.ModuleDict()
 
+    def site(self, key: str) -> Site:
+        return cast(Site, self.sites[key])
+
+    def all_sites(self) -> list[Site]:
+        return [cast(Site, site) for site in self.sites.values()]
+
+    def head(self, name: str) -> Head:
+        return cast(Head, self.heads[name])
+
 
 def _site_key(path: str) -> str:
     return path.replace(".", "__")
@@ -85,31 +94,43 @@ class ModularModel(nn.Module):
         model: the base model; `mm.model` stays a normal transformers model.
     """
 
+    # Tells the HF Trainer that forward() takes no `num_items_in_batch`: the Trainer then scales
+    # the loss for gradient accumulation itself (and does not pass the key on to the base model).
+    accepts_loss_kwargs = False
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        from .persistence import fingerprint  # persistence imports this module
-
         self.model = model
+        self.train(model.training)  # start in the wrapped model's mode, not nn.Module's default
         model.__dict__["_modfit_owner"] = weakref.ref(self)  # lets wrap() find this wrapper again
         self.view = ModelView(model)
         self.records: dict[str, ModuleRecord] = {}
         self._composition: Composition | None = None
         self._head_name: str | None = None
-        # Taken before any merge changes the weights: it identifies the base modules were trained on.
-        self.base_fingerprint = fingerprint(self.view)
+        self._fingerprint: dict[str, Any] | None = None
+
+    @property
+    def base_fingerprint(self) -> dict[str, Any]:
+        """Identity of the base weights (see `persistence.fingerprint`), taken on first use and
+        always before a merge changes the weights, so it names the base modules are trained on."""
+        if self._fingerprint is None:
+            from .persistence import fingerprint  # persistence imports this module
+
+            self._fingerprint = fingerprint(self.view)
+        return self._fingerprint
 
     # -- containers ------------------------------------------------------------------------------
 
     @property
     def container(self) -> Container:
-        existing = getattr(self.model, CONTAINER, None)
+        existing: Container | None = getattr(self.model, CONTAINER, None)
         if existing is None:
-            existing = Container()
+            existing = Container().train(self.model.training)  # in the model's train/eval mode
             self.model.add_module(CONTAINER, existing)
         return existing
 
     def _drop_container_if_empty(self) -> None:
-        existing = getattr(self.model, CONTAINER, None)
+        existing: Container | None = getattr(self.model, CONTAINER, None)
         if existing is not None and len(existing.sites) == 0 and len(existing.heads) == 0:
             delattr(self.model, CONTAINER)
 
@@ -177,7 +198,8 @@ class ModularModel(nn.Module):
             raise ValueError("cannot build a head: the model config has no hidden_size")
         built = build_head(head, self.view.hidden_size, self.model)
         reference = next(self.model.parameters())
-        self.container.heads[name] = built.to(device=reference.device, dtype=_unit_dtype(reference.dtype))
+        built = built.to(device=reference.device, dtype=_unit_dtype(reference.dtype))
+        self.container.heads[name] = built.train(self.model.training)  # e.g. no head dropout in eval mode
         record.head = head
         record.card["task"] = head.task
 
@@ -192,12 +214,11 @@ class ModularModel(nn.Module):
             self.unmerge(name)
         container = self.container
         for path in record.sites:
-            key = _site_key(path)
-            site = container.sites[key]
-            site.remove_unit(name)
-            if len(site.units) == 0:
-                site.close()
-                del container.sites[key]
+            container.site(_site_key(path)).remove_unit(name)
+        for key in [k for k in container.sites if len(container.site(k).units) == 0]:
+            # also catches a site created by an add() that failed before its unit was attached
+            container.site(key).close()
+            del container.sites[key]
         if name in container.heads:
             del container.heads[name]
         del self.records[name]
@@ -209,7 +230,7 @@ class ModularModel(nn.Module):
         sites = self.container.sites
         key = _site_key(path)
         if key not in sites:
-            sites[key] = Site(path, self.view.module(path))
+            sites[key] = Site(path, self.view.module(path)).train(self.model.training)
         site: Site = sites[key]  # type: ignore[assignment]
         return site
 
@@ -217,7 +238,8 @@ class ModularModel(nn.Module):
         reference = next(target.parameters(), None)
         if reference is None:  # e.g. a dropout: use the model's first parameter
             reference = next(self.model.parameters())
-        return unit.to(device=reference.device, dtype=_unit_dtype(reference.dtype))
+        # Follow the model's mode: a unit added to a model in eval mode must not apply dropout.
+        return unit.to(device=reference.device, dtype=_unit_dtype(reference.dtype)).train(self.model.training)
 
     def _record(self, name: str) -> ModuleRecord:
         try:
@@ -235,8 +257,11 @@ class ModularModel(nn.Module):
             composition: a module name, an expression string ("stack(en, ner)") or a Composition.
             head: whose head `mm(...)` uses; default: the last module in the composition with one.
 
+        A merged module may be named: it acts through the weights, and its units are skipped.
+
         Raises:
-            CompositionError: unknown names, or a merged module (already in the weights).
+            CompositionError: the expression does not parse or names unknown modules.
+            KeyError, ValueError: `head` names no module, or one without a head.
         """
         expr = as_composition(composition)
         names = expr.names()
@@ -244,11 +269,11 @@ class ModularModel(nn.Module):
             if n not in self.records:
                 known = ", ".join(self.records) or "none"
                 raise CompositionError(f"composition '{expr}' names unknown module '{n}' (modules: {known})")
+        if head is not None and self._record(head).head is None:  # checked before anything changes
+            raise ValueError(f"module '{head}' has no head")
         self._composition = expr
         self._refresh_sites()
         if head is not None:
-            if self._record(head).head is None:
-                raise ValueError(f"module '{head}' has no head")
             self._head_name = head
         else:
             with_heads = [n for n in names if self.records[n].head is not None]
@@ -264,9 +289,9 @@ class ModularModel(nn.Module):
         # Merged modules are already in the weights: their units must not run a second time.
         names = [] if self._composition is None else self._composition.names()
         running = [n for n in names if not self.records[n].merged]
-        existing = getattr(self.model, CONTAINER, None)
+        existing: Container | None = getattr(self.model, CONTAINER, None)
         if existing is not None:
-            for site in existing.sites.values():
+            for site in existing.all_sites():
                 site.set_active(running)
 
     @property
@@ -279,17 +304,17 @@ class ModularModel(nn.Module):
     def units(self, name: str) -> Iterator[tuple[str, Unit]]:
         """(site path, unit) of module `name`."""
         self._record(name)
-        for site in self.container.sites.values():
+        for site in self.container.all_sites():
             if name in site.units:
-                yield site.path, site.units[name]
+                yield site.path, site.unit(name)
 
     def head_module(self, name: str) -> Head | None:
         """The head of module `name`, if it has one."""
         self._record(name)
-        existing = getattr(self.model, CONTAINER, None)
+        existing: Container | None = getattr(self.model, CONTAINER, None)
         if existing is None or name not in existing.heads:
             return None
-        built: Head = existing.heads[name]
+        built: Head = existing.head(name)
         return built
 
     def module_parameters(self, name: str, include_head: bool = True) -> list[nn.Parameter]:
@@ -336,6 +361,7 @@ class ModularModel(nn.Module):
         record = self._record(name)
         if record.merged:
             raise ValueError(f"module '{name}' is already merged")
+        self.base_fingerprint  # noqa: B018  (taken from the unmerged weights)
         for path, unit in self.units(name):
             if not unit.mergeable:
                 raise ValueError(
@@ -384,9 +410,13 @@ class ModularModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ModularOutput:
         """Run the base model with the active modules, then the active head.
+
+        `token_type_ids` is named (not left to `**kwargs`) because the HF Trainer keeps only the
+        batch columns that `forward`'s signature names.
 
         Returns:
             `ModularOutput(loss, logits, hidden_states)`; loss only when `labels` are given.
@@ -398,15 +428,18 @@ class ModularModel(nn.Module):
             raise RuntimeError(
                 "no active module has a head; add one with head=..., or call mm.model(...) directly"
             )
-        built = self.container.heads[self._head_name]
-        encoder = (
-            self.model.get_encoder()
-            if getattr(self.model.config, "is_encoder_decoder", False)
-            else self.view.base_model
-        )
+        built = self.container.head(self._head_name)
+        # An encoder-decoder (T5) feeds the head from its encoder alone.
+        is_seq2seq = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
+        encoder: nn.Module = self.model.get_encoder() if is_seq2seq else self.view.base_model
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
         outputs = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs[0]  # (batch, seq, hidden)
-        logits = built(hidden, attention_mask)
+        # A head is kept in at least float32 (like the units); a half-precision base feeds it in its own
+        # dtype. A head without parameters (causal-lm) reuses the base's output layer, in the base dtype.
+        head_param = next(built.parameters(), None)
+        logits = built(hidden if head_param is None else hidden.to(head_param.dtype), attention_mask)
         loss = head_loss(built.config.task, logits, labels) if labels is not None else None
         return ModularOutput(loss=loss, logits=logits, hidden_states=hidden)
 
@@ -417,7 +450,7 @@ def _unit_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 def _apply_delta(module: nn.Module, delta: torch.Tensor, sign: int) -> None:
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)
     weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=sign)
 
 
@@ -432,4 +465,5 @@ def wrap(model: nn.Module) -> ModularModel:
     """
     owner_ref = model.__dict__.get("_modfit_owner")
     owner = owner_ref() if owner_ref is not None else None
-    return owner if owner is not None else ModularModel(model)
+    # `owner.model is model` fails for a deep copy: it copies the reference to the original's wrapper.
+    return owner if owner is not None and owner.model is model else ModularModel(model)

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import __version__
-from .atomic import write_json, write_safetensors
+from .atomic import atomic_write_group, json_writer, safetensors_writer
 from .config import ConfigError
 from .heads import HeadConfig
 from .registry import method_entry
@@ -100,8 +100,7 @@ def save_module(
     if head_module is not None:
         for key, value in head_module.state_dict().items():
             tensors[f"head.{key}"] = value
-    if metrics:
-        record.card.setdefault("metrics", {}).update(metrics)
+    all_metrics = {**record.card.get("metrics", {}), **(metrics or {})}
     card = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -112,13 +111,22 @@ def save_module(
         "head": record.head.to_dict() if record.head else None,
         "task": record.card.get("task"),
         "language": record.card.get("language"),
-        "metrics": record.card.get("metrics", {}),
+        # the composition the module was trained in, e.g. "stack(en, ner)" (None: alone)
+        "composition": record.card.get("composition"),
+        "metrics": all_metrics,
         "parameters": mm.trainable_parameters(name),
         "base": {"name_or_path": base_name(mm), "fingerprint": mm.base_fingerprint},
         "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_safetensors(directory / WEIGHTS, tensors, metadata={"format": FORMAT, "name": name})
-    write_json(directory / CARD, card)  # last: a folder with a card is complete
+    # Both files are complete before either replaces an earlier save, so a failure (a metric JSON
+    # cannot hold, a full disk) leaves the earlier module intact; the card goes last.
+    atomic_write_group(
+        [
+            (directory / WEIGHTS, safetensors_writer(tensors, metadata={"format": FORMAT, "name": name})),
+            (directory / CARD, json_writer(card)),
+        ]
+    )
+    record.card["metrics"] = all_metrics
     return directory
 
 
@@ -126,7 +134,7 @@ def read_card(directory: str | Path) -> dict[str, Any]:
     """The card of a module folder, checked for the fields loading needs.
 
     Raises:
-        ModuleFileError: no folder, no card, invalid JSON (with its line), missing fields, or
+        ModuleFileError: no folder, no card, invalid JSON (with its line), missing or mistyped fields, or
             a format version newer than this modfit reads.
     """
     directory = Path(directory)
@@ -152,6 +160,17 @@ def read_card(directory: str | Path) -> dict[str, Any]:
     for key in ("name", "method", "config", "base"):
         if key not in card:
             raise ModuleFileError(f'{card_path}: missing key "{key}"')
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "name": str,
+        "method": str,
+        "config": dict,
+        "base": dict,
+        "head": (dict, type(None)),  # optional
+    }
+    for key, kind in kinds.items():
+        if not isinstance(card.get(key), kind):
+            expected = "a string" if kind is str else "a JSON object"
+            raise ModuleFileError(f'{card_path}: "{key}" must be {expected}, got {card[key]!r}')
     return card
 
 
@@ -206,12 +225,7 @@ def load_module(
     except ConfigError as e:
         raise ConfigError(f"{card_path}: {e}") from None
     weights_path = directory / WEIGHTS
-    if not weights_path.is_file():
-        raise ModuleFileError(f"{weights_path}: missing (the card exists, the weights do not)")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
-        raise ModuleFileError(f"{weights_path}: cannot read safetensors: {e}") from None
+    tensors = _read_weights(weights_path)
     new_name = name or card["name"]
     mm.add(new_name, config, head, task=card.get("task"), language=card.get("language"))
     try:
@@ -222,6 +236,28 @@ def load_module(
     record = mm.records[new_name]
     record.card["metrics"] = dict(card.get("metrics") or {})
     return new_name
+
+
+def load_weights(mm: ModularModel, name: str, directory: str | Path) -> None:
+    """Copy the weights saved in `directory` into the existing module `name`, in place.
+
+    For resuming training: the module keeps its identity (and an optimizer holding its
+    parameters stays valid). The saved weights must fit the module's config exactly.
+
+    Raises:
+        ModuleFileError: a missing or unreadable file, or keys/shapes that do not fit.
+    """
+    weights_path = Path(directory) / WEIGHTS
+    _fill(mm, name, _read_weights(weights_path), weights_path)
+
+
+def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+    if not weights_path.is_file():
+        raise ModuleFileError(f"{weights_path}: missing (the card exists, the weights do not)")
+    try:
+        return load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise ModuleFileError(f"{weights_path}: cannot read safetensors: {e}") from None
 
 
 def _fill(mm: ModularModel, name: str, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -137,6 +137,10 @@ class Site(nn.Module):
         self._norm = _Ref(norm)
         self._handles.append(module.register_forward_pre_hook(self._on_residual, with_kwargs=True))
 
+    def unit(self, name: str) -> Unit:
+        """The unit of module `name` at this site."""
+        return cast(Unit, self.units[name])
+
     def add_unit(self, name: str, unit: Unit) -> None:
         """Attach `unit` under the module name `name` (inactive until `set_active`)."""
         if name in self.units:
@@ -151,7 +155,7 @@ class Site(nn.Module):
 
     def set_active(self, names: list[str]) -> None:
         """Activate the units of these modules, in this order within each stage."""
-        units = [self.units[n] for n in names if n in self.units]
+        units = [cast(Unit, self.units[n]) for n in names if n in self.units]
         self._active = sorted(units, key=lambda u: u.stage)  # stable: keeps composition order
 
     def close(self) -> None:
@@ -164,10 +168,13 @@ class Site(nn.Module):
     # -- hooks -------------------------------------------------------------------------------
 
     def _on_residual(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._active:
+            return None  # nothing will read it: keep no reference to the activation
         ref = self._residual_ref
         assert ref is not None
         value = args[ref.arg] if len(args) > ref.arg else kwargs.get(ref.kwarg)
         self._stash.residual = value
+        return None
 
     def _on_output(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -185,8 +192,3 @@ class Site(nn.Module):
         for unit in active:
             h = unit(h, call)
         return (h, *output[1:]) if is_tuple else h
-
-
-def walk_units(sites: nn.ModuleDict, name: str) -> list[tuple[str, Unit]]:
-    """(site path, unit) for every site holding a unit of module `name`, in site order."""
-    return [(site.path, site.units[name]) for site in sites.values() if name in site.units]

@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
+import torch
 from torch import nn
 
 from .archs import HOOK_POINT_ROLES, PROJECTION_ROLES, ArchSpec, HookPoint, InputRef, LayerGroup, arch_for
@@ -31,7 +33,7 @@ def projection_shape(module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a projection; Conv1D stores weight as (in, out)."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)
     return int(weight.shape[0]), int(weight.shape[1]), True
 
 
@@ -68,7 +70,8 @@ class ModelView:
         config = getattr(model, "config", None)
         self.model_type: str = getattr(config, "model_type", type(model).__name__)
         self.arch: ArchSpec | None = arch_for(self.model_type)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        get_text_config = getattr(config, "get_text_config", None)
+        text_config = get_text_config() if get_text_config is not None else config
         self.hidden_size: int | None = getattr(text_config, "hidden_size", None)
 
     def module(self, path: str) -> nn.Module:
@@ -83,18 +86,24 @@ class ModelView:
                 of range for every group.
         """
         arch = self._require_arch("layer roles")
-        refs = []
+        refs: list[LayerRef] = []
+        counts: list[int] = []
         for group in arch.groups:
             try:
                 layer_list = self.module(group.path)
             except AttributeError:  # e.g. T5EncoderModel has the encoder group only
                 continue
             count = len(layer_list)  # type: ignore[arg-type]
-            wanted = range(count) if indices is None else [i for i in indices if 0 <= i < count]
+            counts.append(count)
+            chosen = range(count) if indices is None else dict.fromkeys(indices)  # dict: drops repeats
+            wanted = [i for i in chosen if 0 <= i < count]
             refs.extend(LayerRef(group, i, f"{group.path}.{i}") for i in wanted)
-        if not refs:
+        # An index may be missing from one group (a shorter decoder) but must exist somewhere.
+        unused = [i for i in (indices or []) if not any(0 <= i < c for c in counts)]
+        if unused or not refs:
             raise TargetError(
-                f"layers {list(indices or [])} are out of range for this {self.model_type} model"
+                f"layers {unused or list(indices or [])} are out of range for this {self.model_type} model "
+                f"(layer counts per group: {counts})"
             )
         return refs
 
@@ -105,7 +114,13 @@ class ModelView:
             TargetError: a target matches no projection (the message suggests names that exist).
         """
         found: dict[str, None] = {}
-        all_paths = [p for p, m in self.base_model.named_modules() if p and is_projection(m)]
+        # modfit's own modules (other modules' heads and adapter layers, in the `modfit` container
+        # that `model.ModularModel` adds to the model) are never targets.
+        own = getattr(self.model, "modfit", None)
+        own_ids = {id(m) for m in own.modules()} if isinstance(own, nn.Module) else set()
+        all_paths = [
+            p for p, m in self.base_model.named_modules() if p and is_projection(m) and id(m) not in own_ids
+        ]
         layer_prefixes = None if layers is None else tuple(ref.path + "." for ref in self.layers(layers))
         for target in targets:
             matched = self._match_projection(target, all_paths, layers)
@@ -154,7 +169,7 @@ class ModelView:
 
     def _match_projection(self, target: str, all_paths: list[str], layers: Sequence[int] | None) -> list[str]:
         if target in PROJECTION_ROLES:
-            role_paths = []
+            role_paths: list[str] = []
             for ref in self.layers(layers):
                 role_paths.extend(f"{ref.path}.{p}" for p in getattr(ref.group.layer, target))
             return [p for p in role_paths if p in set(all_paths)]

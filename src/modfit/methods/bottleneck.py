@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ from ..sites import Attachment, SiteCall, Unit
 from ..targets import ModelView
 
 Placement = Literal["attn_output", "ffn_output"]
+Mode = Literal["sequential", "parallel"]
+Init = Literal["zero_up", "bert", "houlsby"]
 
 
 class BottleneckUnit(Unit):
@@ -135,7 +137,7 @@ class BottleneckConfig(ModuleConfig):
     reduction_factor: float = 16.0
     bottleneck_size: int | None = None
     placement: tuple[Placement, ...] = ("ffn_output",)
-    mode: Literal["sequential", "parallel"] = "sequential"
+    mode: Mode = "sequential"
     activation: str = "relu"
     scaling: float = 1.0
     original_ln_before: bool = False
@@ -143,7 +145,7 @@ class BottleneckConfig(ModuleConfig):
     ln_before: bool = False
     ln_after: bool = False
     dropout: float = 0.0
-    init: Literal["zero_up", "bert", "houlsby"] = "zero_up"
+    init: Init = "zero_up"
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -156,6 +158,14 @@ class BottleneckConfig(ModuleConfig):
             f"must be >= 1, got {self.bottleneck_size}",
         )
         check(len(self.placement) > 0, m, "placement", "name at least one of attn_output, ffn_output")
+        check(len(set(self.placement)) == len(self.placement), m, "placement", "names a sub-layer twice")
+        # Literal fields are checked here too: `replace()` and direct construction skip `from_dict`.
+        for name, value, allowed in (
+            *(("placement", p, get_args(Placement)) for p in self.placement),
+            ("mode", self.mode, get_args(Mode)),
+            ("init", self.init, get_args(Init)),
+        ):
+            check(value in allowed, m, name, f"unknown value {value!r}; use one of {', '.join(allowed)}")
         check(0 <= self.dropout < 1, m, "dropout", f"must be in [0, 1), got {self.dropout}")
         try:
             get_activation(self.activation)
@@ -201,7 +211,7 @@ class PfeifferConfig(BottleneckConfig):
 @register_method("parallel", BottleneckUnit, "bottleneck branch parallel to the FFN (He et al. 2022)")
 @dataclass(frozen=True)
 class ParallelConfig(BottleneckConfig):
-    mode: Literal["sequential", "parallel"] = "parallel"
+    mode: Mode = "parallel"
 
 
 @register_method(
@@ -209,5 +219,5 @@ class ParallelConfig(BottleneckConfig):
 )
 @dataclass(frozen=True)
 class ScaledParallelConfig(BottleneckConfig):
-    mode: Literal["sequential", "parallel"] = "parallel"
+    mode: Mode = "parallel"
     scaling: float = 4.0

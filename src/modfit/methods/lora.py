@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -71,6 +71,9 @@ class LoraUnit(Unit):
         return delta.t() if self.fan_in_fan_out else delta
 
 
+Init = Literal["kaiming", "gaussian"]
+
+
 @register_method("lora", LoraUnit, "low-rank delta s·BA on chosen projections (Hu et al. 2021); mergeable")
 @dataclass(frozen=True)
 class LoraConfig(ModuleConfig):
@@ -93,10 +96,11 @@ class LoraConfig(ModuleConfig):
     targets: tuple[str, ...] = ("query", "value")
     layers: tuple[int, ...] | None = None
     rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Init = "kaiming"
 
     def __post_init__(self) -> None:
         check(self.r >= 1, "lora", "r", f"must be >= 1, got {self.r}")
+        check(self.init in get_args(Init), "lora", "init", f"unknown {self.init!r}; use {get_args(Init)}")
         check(self.alpha > 0, "lora", "alpha", f"must be > 0, got {self.alpha}")
         check(0 <= self.dropout < 1, "lora", "dropout", f"must be in [0, 1), got {self.dropout}")
         check(len(self.targets) > 0, "lora", "targets", "name at least one projection")
