@@ -59,7 +59,7 @@ def test_seq_cls_pairs_and_truncation(tiny: PreTrainedTokenizerBase) -> None:
 
 
 def test_seq_cls_label_errors(tiny: PreTrainedTokenizerBase) -> None:
-    with pytest.raises(DataError, match=r"example 1: label 'maybe' is not a known label \('neg', 'pos'\)"):
+    with pytest.raises(DataError, match=r"example 2: label 'maybe' is not a known label \('neg', 'pos'\)"):
         encode(
             [TextExample("a", label="pos"), TextExample("b", label="maybe")],
             tiny,

@@ -138,7 +138,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tk.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)],
+        # ids in the vocabulary below, not the CLS/SEP constants of the hand-made features
+        special_tokens=[("[CLS]", SPECIALS.index("[CLS]")), ("[SEP]", SPECIALS.index("[SEP]"))],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tk,

@@ -59,11 +59,13 @@ def _label_ids(labels: Sequence[str] | None) -> dict[str, int]:
 def _label_id(label: str, label2id: dict[str, int], index: int, what: str) -> int:
     """The id of `label`, or a DataError naming it, the example and the known labels."""
     if not label2id:
-        raise ValueError(f"example {index} has {what} {label!r} but labels=None; pass labels=label_list(...)")
+        raise ValueError(
+            f"example {index + 1} has {what} {label!r} but labels=None; pass labels=label_list(...)"
+        )
     if label not in label2id:
         known = list(label2id)
         shown = ", ".join(map(repr, known[:30])) + (f", ... ({len(known)} in all)" if len(known) > 30 else "")
-        raise DataError(None, None, f"example {index}: {what} {label!r} is not a known label ({shown})")
+        raise DataError(None, None, f"example {index + 1}: {what} {label!r} is not a known label ({shown})")
     return label2id[label]
 
 

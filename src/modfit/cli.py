@@ -9,25 +9,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError)
+# OSError: a file or folder that cannot be read or written (a missing base, an --out that is a folder).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, ModuleNotFoundError)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error otherwise, before anything is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="default", help="base model: 'default' (packaged MiniLM), a HF id or a folder")
+    p.add_argument(
+        "--base", default="default", help="base model: 'default' (packaged MiniLM), a HF id or a folder"
+    )
     p.add_argument("--load", action="append", default=[], metavar="DIR", help="a saved module (repeatable)")
     p.add_argument("--compose", metavar="EXPR", help="composition, e.g. 'stack(lang, task)'")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument(
+        "--allow-other-weights",
+        action="store_true",
+        help="load modules trained on a base with the same architecture but other weights",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-length", type=_positive_int, default=128)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=["csv", "tsv", "jsonl", "conll", "text"], help="file format (default: by extension)")
+    p.add_argument(
+        "--format",
+        choices=["csv", "tsv", "jsonl", "conll", "text"],
+        help="file format (default: by extension)",
+    )
     p.add_argument("--text-column", help="text column of CSV/TSV/JSONL files (default: text or sentence)")
     p.add_argument("--label-column", help="label column of CSV/TSV/JSONL files (default: label)")
 
@@ -43,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--task", required=True, choices=["seq-cls", "token-cls", "mlm", "causal-lm"])
     p.add_argument("--method", required=True, help="a registered method (see `modfit methods`)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
+    p.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)"
+    )
     p.add_argument("--train", required=True, metavar="FILE")
     p.add_argument("--eval", metavar="FILE")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the trained module")
@@ -51,12 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", help="language code recorded on the module card")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--epochs", type=float)
-    group.add_argument("--steps", type=int)
+    group.add_argument("--steps", type=_positive_int)
     p.add_argument("--lr", type=float, help="learning rate (default: 1e-3, or 5e-4 for MLM)")
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-accum", type=_positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="write a resumable checkpoint every N steps")
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an earlier interrupted run")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help="write a resumable checkpoint every N steps",
+    )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start afresh: refuse to run if --out holds checkpoints of an earlier run",
+    )
     p.add_argument("--json", action="store_true")
 
     for command, what in (("eval", "evaluate"), ("predict", "predict with")):
@@ -65,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         _data_args(p)
         p.add_argument("--data", required=True, metavar="FILE")
         if command == "predict":
-            p.add_argument("--out", required=True, metavar="FILE", help="predictions (.jsonl, .csv, .tsv or .conll)")
+            p.add_argument(
+                "--out", required=True, metavar="FILE", help="predictions (.jsonl, .csv, .tsv or .conll)"
+            )
         else:
             p.add_argument("--json", action="store_true")
 
@@ -105,21 +142,45 @@ def parse_params(items: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `modfit` command; returns the exit status."""
+    """Entry point of the `modfit` command; returns the exit status.
+
+    0 on success; 2 on a usage error (argparse has printed it) or a user error (one line
+    `modfit: error: ...` on stderr, no traceback). `--help` and `--version` return 0.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed the help, the version or a usage error (status 2)
+        return e.code if isinstance(e.code, int) else 2
+    from transformers.utils import logging as hf_logging
+
     from . import commands
+
+    hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars drown modfit's output
 
     handler = getattr(commands, f"cmd_{args.command}")
     try:
         result: Any = handler(args)
     except USER_ERRORS as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"modfit: error: {message}", file=sys.stderr)
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        # One line, whatever the library's message looks like (HF errors span several lines).
+        one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        print(f"modfit: error: {one_line or type(e).__name__}", file=sys.stderr)
         return 2
     if getattr(args, "json", False) and result is not None:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     return 0
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities as null (a loss over no targets is NaN): valid JSON for any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":  # pragma: no cover

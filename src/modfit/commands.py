@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import io
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +19,28 @@ from typing import Any
 from . import registry
 from .base import load_base, load_tokenizer, resolve_base
 from .batching import MlmCollator, collate, encode
-from .data import TextExample, TokenExample, label_list, read_examples
+from .composition import as_composition
+from .data import DataError, TextExample, TokenExample, label_list, read_examples
 from .heads import HeadConfig
 from .model import ModularModel, wrap
 from .persistence import read_card
 
 LM_TASKS = ("mlm", "causal-lm")
+# A base folder with a tokenizer holds at least one of these (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+# Output formats of `predict`, by the head's task; the --out extension picks one.
+PREDICTION_SUFFIXES = {
+    "seq-cls": (".jsonl", ".json", ".csv", ".tsv"),
+    "token-cls": (".jsonl", ".json", ".conll"),
+}
 
 
 def _say(args: argparse.Namespace, *lines: str) -> None:
@@ -37,22 +56,47 @@ def _collate_fn(task: str, tokenizer: Any, seed: int = 0) -> Any:
     return lambda features: collate(features, pad_id)
 
 
+def _base_error(base: str, what: str, error: OSError) -> ValueError:
+    # transformers explains a missing folder as a failed download, over several lines: keep the first.
+    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    if Path(resolve_base(base)).is_dir():
+        return ValueError(f"--base {base}: cannot load the {what} from this folder: {first}")
+    return ValueError(f"--base {base}: no such folder, and no model of that id could be loaded ({first})")
+
+
+def _base_model(base: str, task: str | None) -> Any:
+    try:
+        return load_base(base, task)
+    except OSError as e:
+        raise _base_error(base, "model", e) from None
+
+
 def _tokenizer(base: str) -> Any:
-    tokenizer = load_tokenizer(base)
+    folder = Path(resolve_base(base))
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from the config alone: every word [UNK].
+        raise ValueError(
+            f"--base {base}: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)}); "
+            "save it there with tokenizer.save_pretrained(folder)"
+        )
+    try:
+        tokenizer = load_tokenizer(base)
+    except OSError as e:
+        raise _base_error(base, "tokenizer", e) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only models often ship without a pad token
     return tokenizer
 
 
-def _load_modules(mm: ModularModel, dirs: Sequence[str]) -> list[str]:
-    return [mm.load(d) for d in dirs]
+def _load_modules(mm: ModularModel, args: argparse.Namespace) -> list[str]:
+    return [mm.load(d, check_base=not args.allow_other_weights) for d in args.load]
 
 
-def _activate(mm: ModularModel, names: list[str], compose: str | None) -> None:
+def _activate(mm: ModularModel, names: list[str], compose: str | None, head: str | None = None) -> None:
     if compose:
-        mm.activate(compose)
+        mm.activate(compose, head=head)
     elif names:
-        mm.activate(names[0] if len(names) == 1 else f"stack({', '.join(names)})")
+        mm.activate(names[0] if len(names) == 1 else f"stack({', '.join(names)})", head=head)
 
 
 def _read(args: argparse.Namespace, path: str, task: str, require_labels: bool = True) -> list[Any]:
@@ -66,6 +110,16 @@ def _read(args: argparse.Namespace, path: str, task: str, require_labels: bool =
     )
 
 
+def _encode(path: str, examples: list[Any], tokenizer: Any, task: str, **options: Any) -> list[Any]:
+    """`batching.encode`, with the data file named in errors about one example (an unknown label)."""
+    try:
+        return encode(examples, tokenizer, task, **options)
+    except DataError as e:
+        if e.path is not None:
+            raise
+        raise DataError(path, None, e.what) from None
+
+
 # -- train -------------------------------------------------------------------------------------
 
 
@@ -75,20 +129,35 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     task = args.task
     config = registry.config(args.method, **_params(args.param))
     name = args.name or Path(args.out).name
+    _check_out(args)
+    if args.compose and name not in as_composition(args.compose).names():
+        raise ValueError(f"--compose {args.compose!r} must include the module being trained, '{name}'")
     train_examples = _read(args, args.train, task)
     eval_examples = _read(args, args.eval, task) if args.eval else None
     labels = tuple(label_list(train_examples)) if task not in LM_TASKS else ()
     head = HeadConfig(task=task, labels=labels)
 
     tokenizer = _tokenizer(args.base)
-    mm = wrap(load_base(args.base, task))
-    loaded = _load_modules(mm, args.load)
+    mm = wrap(_base_model(args.base, task))
+    loaded = _load_modules(mm, args)
     mm.add(name, config, head, task=task, language=args.language)
-    _activate(mm, [*loaded, name], args.compose)
+    _activate(mm, [*loaded, name], args.compose, head=name)  # the new module's head, wherever it stands
+    active = mm.active
+    assert active is not None  # the new module is always among the names
+    if len(active.names()) > 1:  # the card records what a module was trained on top of (None: alone)
+        mm.records[name].card["composition"] = str(active)
 
-    features = encode(train_examples, tokenizer, task, labels=labels, max_length=args.max_length)
+    features = _encode(args.train, train_examples, tokenizer, task, labels=labels, max_length=args.max_length)
     eval_features = (
-        encode(eval_examples, tokenizer, task, labels=labels, max_length=args.max_length, keep_word_ids=True)
+        _encode(
+            args.eval,
+            eval_examples,
+            tokenizer,
+            task,
+            labels=labels,
+            max_length=args.max_length,
+            keep_word_ids=True,
+        )
         if eval_examples
         else None
     )
@@ -96,13 +165,13 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     settings = TrainSettings(
         epochs=args.epochs if args.epochs is not None or args.steps is not None else 3.0,
         steps=args.steps,
-        lr=args.lr or default_lr,
+        lr=args.lr if args.lr is not None else default_lr,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         seed=args.seed,
-        checkpoint_dir=str(Path(args.out) / "checkpoints") if args.checkpoint_every else None,
+        checkpoint_dir=str(_checkpoint_dir(args)) if args.checkpoint_every else None,
         checkpoint_every=args.checkpoint_every,
-        resume=not args.no_resume,
+        resume=bool(args.checkpoint_every) and not args.no_resume,
         progress=not args.json,
     )
     _say(
@@ -112,20 +181,52 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     )
     collate_fn = _collate_fn(task, tokenizer, args.seed)
     result = train(mm, name, features, collate_fn=collate_fn, settings=settings, eval_features=eval_features)
+    if result.resumed_from is not None:
+        _say(args, f"resumed from the checkpoint of step {result.resumed_from} in {_checkpoint_dir(args)}")
     metrics: dict[str, float] = {}
     if eval_features:
         eval_collate = _collate_fn(task, tokenizer, seed=args.seed + 1)
         metrics = evaluate(mm, eval_features, collate_fn=eval_collate, batch_size=args.batch_size)
     out = mm.save(name, args.out, metrics=metrics)
-    _say(args, _metrics_line("eval", metrics) if metrics else "no --eval file: no held-out metrics", f"saved {out}")
+    _say(
+        args,
+        _metrics_line("eval", metrics) if metrics else "no --eval file: no held-out metrics",
+        f"saved {out}",
+    )
     return {
         "name": name,
         "out": str(out),
         "method": args.method,
         "parameters": mm.trainable_parameters(name),
-        "steps": result.steps,
+        "composition": str(mm.active),
+        "steps": result.step,
+        "resumed_from": result.resumed_from,
         "metrics": metrics,
     }
+
+
+def _checkpoint_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out) / "checkpoints"
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an --out that cannot hold the module, before anything is trained."""
+    from .train import latest_checkpoint
+
+    path = Path(args.out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    for directory in args.load:
+        if path.resolve() == Path(directory).resolve():
+            raise ValueError(
+                f"--out {args.out} is the folder of a --load module; saving there would overwrite it"
+            )
+    latest = latest_checkpoint(_checkpoint_dir(args)) if args.checkpoint_every and args.no_resume else None
+    if latest is not None:
+        raise ValueError(
+            f"{_checkpoint_dir(args)} holds checkpoints of an earlier run (latest: {latest.name}); "
+            "drop --no-resume to continue that run, or remove them"
+        )
 
 
 def _params(items: Sequence[str]) -> dict[str, str]:
@@ -149,8 +250,8 @@ def _setup_loaded(args: argparse.Namespace) -> tuple[ModularModel, Any, HeadConf
     tasks = [c["head"]["task"] for c in cards if c.get("head")]
     if not tasks:
         raise ValueError("none of the --load modules has a task head; nothing to evaluate or predict with")
-    mm = wrap(load_base(args.base, tasks[-1]))
-    names = _load_modules(mm, args.load)
+    mm = wrap(_base_model(args.base, tasks[-1]))
+    names = _load_modules(mm, args)
     _activate(mm, names, args.compose)
     if mm.head_name is None:
         raise ValueError(f"no module in the composition {mm.active} has a task head")
@@ -164,11 +265,21 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     mm, tokenizer, head = _setup_loaded(args)
     examples = _read(args, args.data, head.task)
-    features = encode(
-        examples, tokenizer, head.task, labels=head.labels or None, max_length=args.max_length, keep_word_ids=True
+    features = _encode(
+        args.data,
+        examples,
+        tokenizer,
+        head.task,
+        labels=head.labels or None,
+        max_length=args.max_length,
+        keep_word_ids=True,
     )
     metrics = evaluate(mm, features, collate_fn=_collate_fn(head.task, tokenizer), batch_size=args.batch_size)
-    _say(args, f"{args.data} ({len(features)} examples, composition {mm.active})", _metrics_line("eval", metrics))
+    _say(
+        args,
+        f"{args.data} ({len(features)} examples, composition {mm.active})",
+        _metrics_line("eval", metrics),
+    )
     return {"data": args.data, "composition": str(mm.active), "examples": len(features), "metrics": metrics}
 
 
@@ -177,34 +288,62 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from .train import predict
 
     mm, tokenizer, head = _setup_loaded(args)
-    if head.task in LM_TASKS:
+    if head.task not in PREDICTION_SUFFIXES:
         raise ValueError(f"predict supports seq-cls and token-cls heads; the active head is {head.task}")
-    examples = _read(args, args.data, head.task, require_labels=False)
-    features = encode(examples, tokenizer, head.task, labels=None, max_length=args.max_length, keep_word_ids=True)
-    predictions = predict(mm, features, collate_fn=_collate_fn(head.task, tokenizer), batch_size=args.batch_size)
+    suffixes = PREDICTION_SUFFIXES[head.task]
+    if Path(args.out).suffix.lower() not in suffixes:
+        raise ValueError(f"--out {args.out}: {head.task} predictions are written as {', '.join(suffixes)}")
+    # Gold labels in the file (if any) play no part: drop them, so unknown ones are no error either.
+    examples: list[Any] = [_unlabeled(ex) for ex in _read(args, args.data, head.task, require_labels=False)]
+    features = encode(
+        examples, tokenizer, head.task, labels=None, max_length=args.max_length, keep_word_ids=True
+    )
+    predictions = predict(
+        mm, features, collate_fn=_collate_fn(head.task, tokenizer), batch_size=args.batch_size
+    )
+    if head.task == "token-cls":
+        predictions = _fill_truncated(examples, predictions, args.max_length)
     write_text(args.out, _format_predictions(Path(args.out), examples, predictions))
     print(f"wrote {len(predictions)} predictions to {args.out}")
     return {"out": args.out, "count": len(predictions)}
 
 
+def _unlabeled(example: TextExample | TokenExample) -> TextExample | TokenExample:
+    if isinstance(example, TokenExample):
+        return dataclasses.replace(example, tags=None)
+    return dataclasses.replace(example, label=None)
+
+
+def _fill_truncated(examples: list[TokenExample], tags: list[list[str]], max_length: int) -> list[list[str]]:
+    """Tag words cut off by --max-length "O", so every input token gets an output line; say so."""
+    filled = [row + ["O"] * (len(ex.tokens) - len(row)) for ex, row in zip(examples, tags, strict=True)]
+    cut = sum(len(row) < len(ex.tokens) for ex, row in zip(examples, tags, strict=True))
+    if cut:
+        print(
+            f"modfit: {cut} sentence(s) longer than --max-length {max_length} tokens: "
+            "their last words are tagged O without a prediction",
+            file=sys.stderr,
+        )
+    return filled
+
+
 def _format_predictions(path: Path, examples: list[Any], predictions: list[Any]) -> str:
     suffix = path.suffix.lower()
-    if isinstance(examples[0], TokenExample) if examples else False:
+    rows = list(zip(examples, predictions, strict=True))
+    if examples and isinstance(examples[0], TokenExample):
         if suffix in (".jsonl", ".json"):
-            rows = [json.dumps({"tokens": list(ex.tokens), "tags": tags}) for ex, tags in zip(examples, predictions)]
-            return "\n".join(rows) + "\n"
-        sentences = ["\n".join(f"{tok} {tag}" for tok, tag in zip(ex.tokens, tags)) for ex, tags in zip(examples, predictions)]
+            return "".join(json.dumps({"tokens": list(ex.tokens), "tags": tags}) + "\n" for ex, tags in rows)
+        sentences = [
+            "\n".join(f"{tok} {tag}" for tok, tag in zip(ex.tokens, tags, strict=True)) for ex, tags in rows
+        ]
         return "\n\n".join(sentences) + "\n"
-    text_examples: list[TextExample] = examples
     if suffix in (".csv", ".tsv"):
-        import io
-
         buffer = io.StringIO()
         writer = csv.writer(buffer, delimiter="," if suffix == ".csv" else "\t", lineterminator="\n")
         writer.writerow(["text", "prediction"])
-        writer.writerows([ex.text, label] for ex, label in zip(text_examples, predictions))
+        writer.writerows([ex.text, label] for ex, label in rows)
         return buffer.getvalue()
-    return "".join(json.dumps({"text": ex.text, "prediction": p}) + "\n" for ex, p in zip(text_examples, predictions))
+    return "".join(json.dumps({"text": ex.text, "prediction": label}) + "\n" for ex, label in rows)
 
 
 # -- info / methods / count --------------------------------------------------------------------
@@ -214,12 +353,13 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     card = read_card(args.dir)
     head = card.get("head") or {}
     base = card.get("base") or {}
+    fingerprint = base.get("fingerprint") or {}
     _say(
         args,
         f"module     {card['name']}  ({card['method']}, {card.get('parameters', 0):,} parameters)",
         f"task       {card.get('task') or '-'}   language {card.get('language') or '-'}",
         f"labels     {', '.join(head.get('labels', [])) or '-'}",
-        f"base       {base.get('name_or_path') or '-'}  ({(base.get('fingerprint') or {}).get('model_type', '?')})",
+        f"base       {base.get('name_or_path') or '-'}  ({fingerprint.get('model_type', '?')})",
         f"config     {json.dumps(card['config'])}",
         f"metrics    {json.dumps(card.get('metrics') or {})}",
         f"modfit     {card.get('modfit_version')}   saved {card.get('saved_at', '?')}",
@@ -239,7 +379,10 @@ def cmd_count(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModel
 
     config = registry.config(args.method, **_params(args.param))
-    model_config = AutoConfig.from_pretrained(resolve_base(args.base))
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_base(args.base))
+    except OSError as e:
+        raise _base_error(args.base, "model config", e) from None
     with torch.device("meta"):  # shapes only: no weights are read or allocated
         model = AutoModel.from_config(model_config)
     mm = wrap(model)

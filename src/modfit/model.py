@@ -431,7 +431,7 @@ class ModularModel(nn.Module):
         built = self.container.head(self._head_name)
         # An encoder-decoder (T5) feeds the head from its encoder alone.
         is_seq2seq = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
-        encoder: nn.Module = self.model.get_encoder() if is_seq2seq else self.view.base_model
+        encoder: nn.Module = cast(Any, self.model).get_encoder() if is_seq2seq else self.view.base_model
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         outputs = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

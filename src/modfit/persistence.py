@@ -195,7 +195,10 @@ def verify_base(
             f"{here['num_parameters']} here)"
         )
     if check_weights and not problems and saved.get("weights_sha256") != here["weights_sha256"]:
-        problems.append("same architecture but different weights (pass check_base=False to load anyway)")
+        problems.append(
+            "same architecture but different weights "
+            "(to load anyway: check_base=False, or --allow-other-weights)"
+        )
     if problems:
         trained_on = card["base"].get("name_or_path") or "an unnamed model"
         raise BaseMismatchError(
@@ -235,6 +238,8 @@ def load_module(
         raise
     record = mm.records[new_name]
     record.card["metrics"] = dict(card.get("metrics") or {})
+    if card.get("composition"):
+        record.card["composition"] = card["composition"]
     return new_name
 
 
