@@ -92,14 +92,7 @@ def save_module(
     """
     record = mm._record(name)
     directory = Path(directory)
-    tensors: dict[str, torch.Tensor] = {}
-    for path, unit in mm.units(name):
-        for key, value in unit.state_dict().items():
-            tensors[f"units.{path}.{key}"] = value
-    head_module = mm.head_module(name)
-    if head_module is not None:
-        for key, value in head_module.state_dict().items():
-            tensors[f"head.{key}"] = value
+    tensors = module_state(mm, name)
     all_metrics = {**record.card.get("metrics", {}), **(metrics or {})}
     card = {
         "format": FORMAT,
@@ -265,15 +258,24 @@ def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
         raise ModuleFileError(f"{weights_path}: cannot read safetensors: {e}") from None
 
 
-def _fill(mm: ModularModel, name: str, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
-    expected: dict[str, torch.Tensor] = {}
+def module_state(mm: ModularModel, name: str) -> dict[str, torch.Tensor]:
+    """Module `name`'s tensors under their file keys: `units.<site path>.<param>`, `head.<param>`.
+
+    The values are the live tensors (not copies): filling them loads a module in place.
+    """
+    state: dict[str, torch.Tensor] = {}
     for path, unit in mm.units(name):
-        for key, value in unit.state_dict().items():
-            expected[f"units.{path}.{key}"] = value
+        for key, value in unit.state_dict(keep_vars=True).items():
+            state[f"units.{path}.{key}"] = value
     head_module = mm.head_module(name)
     if head_module is not None:
-        for key, value in head_module.state_dict().items():
-            expected[f"head.{key}"] = value
+        for key, value in head_module.state_dict(keep_vars=True).items():
+            state[f"head.{key}"] = value
+    return state
+
+
+def _fill(mm: ModularModel, name: str, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
+    expected = module_state(mm, name)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
