@@ -369,7 +369,7 @@ class ModularModel(nn.Module):
                     f"at {path} is not linear in the weights"
                 )
         for path, unit in self.units(name):
-            _apply_delta(self.view.module(path), unit.delta_weight(), +1)
+            unit.merge(self.view.module(path))
         record.merged = True
         self._refresh_sites()
 
@@ -380,7 +380,7 @@ class ModularModel(nn.Module):
         if not record.merged:
             raise ValueError(f"module '{name}' is not merged")
         for path, unit in self.units(name):
-            _apply_delta(self.view.module(path), unit.delta_weight(), -1)
+            unit.unmerge(self.view.module(path))
         record.merged = False
         self._refresh_sites()
 
@@ -447,11 +447,6 @@ class ModularModel(nn.Module):
 def _unit_dtype(base_dtype: torch.dtype) -> torch.dtype:
     # Train module weights in at least float32 even on a half-precision base.
     return torch.promote_types(base_dtype, torch.float32)
-
-
-def _apply_delta(module: nn.Module, delta: torch.Tensor, sign: int) -> None:
-    weight = cast(torch.Tensor, module.weight)
-    weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=sign)
 
 
 def wrap(model: nn.Module) -> ModularModel:

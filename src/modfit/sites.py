@@ -23,7 +23,7 @@ DDP and `.to()` see their parameters); removing the last unit removes the hooks.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import torch
@@ -42,35 +42,62 @@ class SiteCall:
         residual: the residual stream r for a sub-layer site (None for projection sites).
         norm: the post-residual LayerNorm of a post-LN family (None otherwise).
         base: the watched module itself (a projection's weight for merge-free variants).
+        kwargs: the watched module's keyword inputs.
     """
 
     inputs: tuple[Any, ...]
     residual: torch.Tensor | None
     norm: nn.Module | None
     base: nn.Module
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class Unit(nn.Module):
-    """A method's piece at one site: `forward(h, call) -> h`.
+    """A method's piece at one site: `forward(h, call) -> h`, optionally `before(args, kwargs)`.
 
     Attributes:
         stage: 0 for parameter composition (a delta on the watched projection, computed from its
             input), 1 for function composition (a transform of the output). Parameter units run
             first so a function unit sees the full projection output.
-        mergeable: whether `delta_weight()` exists, i.e. the unit can be folded into the weight.
+        mergeable: whether `deltas()` exists, i.e. the unit can be folded into the base weights.
         needs_residual: whether the site must capture the residual stream r.
+        edits_input: whether `before()` rewrites the watched module's inputs (a pre-hook), e.g.
+            (IA)³ scaling a projection's input, or prompt tuning prepending virtual tokens.
+        whole_output: whether `forward()` receives the watched module's raw output (a tuple or a
+            ModelOutput) instead of its first tensor.
     """
 
     stage: ClassVar[int] = 1
     mergeable: ClassVar[bool] = False
     needs_residual: ClassVar[bool] = False
+    edits_input: ClassVar[bool] = False
+    whole_output: ClassVar[bool] = False
 
-    def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:  # pragma: no cover - abstract
+    def forward(self, h: Any, call: SiteCall) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def delta_weight(self) -> torch.Tensor:
-        """The change to the watched module's weight, in that weight's own layout."""
+    def before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Rewrite the watched module's inputs (only called when `edits_input`)."""
+        return args, kwargs
+
+    def deltas(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """Additive changes to the watched module's parameters, by parameter name ("weight",
+        "bias"), each in that parameter's layout, given the unmerged base module."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        """Fold this unit into `base`'s parameters (parameter += delta)."""
+        for name, delta in self.deltas(base).items():
+            param = cast(torch.Tensor, getattr(base, name))
+            param.add_(delta.to(device=param.device, dtype=param.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        """Undo `merge` (exact up to rounding). Units whose delta depends on the base override this."""
+        for name, delta in self.deltas(base).items():
+            param = cast(torch.Tensor, getattr(base, name))
+            param.sub_(delta.to(device=param.device, dtype=param.dtype))
 
 
 @dataclass(frozen=True)
@@ -109,6 +136,9 @@ class Site(nn.Module):
         self._residual_ref: InputRef | None = None
         self._residual_module = _Ref(None)
         self._active: list[Unit] = []
+        self._editors: list[Unit] = []  # active units with `before()`
+        self._plain_output = True  # no active unit wants the raw output
+        self._input_hooked = False
         self._stash = threading.local()  # the residual captured by the pre-hook, per thread
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._handles.append(target.register_forward_hook(self._on_output, with_kwargs=True))
@@ -146,6 +176,10 @@ class Site(nn.Module):
         if name in self.units:
             raise ValueError(f"site {self.path} already holds a unit of module '{name}'")
         self.units[name] = unit
+        if unit.edits_input and not self._input_hooked:
+            # registered only once a unit needs it: projection sites of LoRA pay for no pre-hook
+            self._handles.append(self.target.register_forward_pre_hook(self._on_input, with_kwargs=True))
+            self._input_hooked = True
 
     def remove_unit(self, name: str) -> None:
         """Detach the unit of module `name` and drop it from the active list."""
@@ -157,13 +191,15 @@ class Site(nn.Module):
         """Activate the units of these modules, in this order within each stage."""
         units = [cast(Unit, self.units[n]) for n in names if n in self.units]
         self._active = sorted(units, key=lambda u: u.stage)  # stable: keeps composition order
+        self._editors = [u for u in self._active if u.edits_input]
+        self._plain_output = not any(u.whole_output for u in self._active)
 
     def close(self) -> None:
         """Remove the hooks; the site must not be used afterwards."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._active = []
+        self.set_active([])
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -176,6 +212,15 @@ class Site(nn.Module):
         self._stash.residual = value
         return None
 
+    def _on_input(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if not self._editors:
+            return None
+        for unit in self._editors:
+            args, kwargs = unit.before(args, kwargs)
+        return args, kwargs
+
     def _on_output(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
@@ -186,9 +231,24 @@ class Site(nn.Module):
         self._stash.residual = None  # do not keep activations alive after this call
         if not args and kwargs:
             args = tuple(kwargs.values())
-        call = SiteCall(inputs=args, residual=residual, norm=self._norm.module, base=module)
-        is_tuple = isinstance(output, tuple)
-        h = output[0] if is_tuple else output
+        call = SiteCall(inputs=args, residual=residual, norm=self._norm.module, base=module, kwargs=kwargs)
+        if self._plain_output:
+            is_tuple = isinstance(output, tuple)
+            h = output[0] if is_tuple else output
+            for unit in active:
+                h = unit(h, call)
+            return (h, *output[1:]) if is_tuple else h
         for unit in active:
-            h = unit(h, call)
-        return (h, *output[1:]) if is_tuple else h
+            output = unit(output, call) if unit.whole_output else _map_first(output, unit, call)
+        return output
+
+
+def _map_first(output: Any, unit: Unit, call: SiteCall) -> Any:
+    """Apply `unit` to the first tensor of a module output (a tensor, a tuple or a ModelOutput)."""
+    if isinstance(output, tuple):
+        return (unit(output[0], call), *output[1:])
+    if isinstance(output, dict):  # a transformers ModelOutput: replace its first field in place
+        key = next(iter(output.keys()))
+        output[key] = unit(output[key], call)
+        return output
+    return unit(output, call)

@@ -67,8 +67,12 @@ class LoraUnit(Unit):
         return h + (delta * self.scale).to(h.dtype)
 
     def delta_weight(self) -> torch.Tensor:
+        """s · B A in the base weight's layout: (out, in), or (in, out) for Conv1D."""
         delta = (self.lora_B @ self.lora_A) * self.scale  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
+
+    def deltas(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": self.delta_weight()}
 
 
 Init = Literal["kaiming", "gaussian"]
