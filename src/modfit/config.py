@@ -27,6 +27,10 @@ class ModuleConfig:
     """Base of all method configs. Subclasses are frozen dataclasses registered under a method name."""
 
     method: ClassVar[str] = ""
+    # Whether a freshly added module leaves the model's outputs exactly unchanged. True for
+    # methods initialised as an identity (LoRA's B = 0, adapters' zero up-projection); False for
+    # those that cannot be (virtual tokens of prompt and prefix tuning change attention at once).
+    identity_at_init: ClassVar[bool] = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready field values (tuples become lists)."""
