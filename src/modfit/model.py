@@ -84,7 +84,8 @@ class Container(nn.Module):
 
 
 def _site_key(path: str) -> str:
-    return path.replace(".", "__")
+    # ModuleDict keys may not contain "." or be empty ("" is base_model itself, e.g. for prompts)
+    return path.replace(".", "__") or "base_model"
 
 
 class ModularModel(nn.Module):
@@ -323,7 +324,8 @@ class ModularModel(nn.Module):
         built = self.head_module(name) if include_head else None
         if built is not None:
             params.extend(built.parameters())
-        return params
+        # by identity: units of one module may share a parameter (e.g. one intrinsic vector)
+        return list({id(p): p for p in params}.values())
 
     def trainable_parameters(self, name: str, include_head: bool = False) -> int:
         """Number of parameters module `name` trains (its units; plus its head if asked)."""
