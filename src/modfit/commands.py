@@ -165,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     settings = TrainSettings(
         epochs=args.epochs if args.epochs is not None or args.steps is not None else 3.0,
         steps=args.steps,
-        lr=args.lr if args.lr is not None else default_lr,
+        lr=args.lr if args.lr is not None else (config.default_lr or default_lr),
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         seed=args.seed,

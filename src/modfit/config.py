@@ -11,8 +11,12 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+
+if TYPE_CHECKING:
+    from .model import ModularModel
+    from .train import TrainResult
 
 
 class ConfigError(ValueError):
@@ -31,6 +35,9 @@ class ModuleConfig:
     # methods initialised as an identity (LoRA's B = 0, adapters' zero up-projection); False for
     # those that cannot be (virtual tokens of prompt and prefix tuning change attention at once).
     identity_at_init: ClassVar[bool] = True
+    # The learning rate `modfit train` uses when `--lr` is not given; None: the task's default.
+    # Methods whose parameters sit at the input (prompt and prefix tuning) need far larger ones.
+    default_lr: ClassVar[float | None] = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready field values (tuples become lists)."""
@@ -70,6 +77,19 @@ class ModuleConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def fit(self, mm: ModularModel, name: str, run: Callable[..., TrainResult]) -> None:
+        """Train module `name` of `mm`, which this config built; `modfit.train.train()` calls it.
+
+        `run(phase=None, **overrides)` is one pass of the training loop: a fresh optimizer over the
+        module's parameters as they are when it starts, `overrides` replacing `TrainSettings`
+        fields (e.g. `steps=100, epochs=None`), checkpoints in the subfolder `phase` of the
+        checkpoint directory when a phase is named. It returns that pass's `TrainResult`; `train()`
+        returns all passes joined. The default is one plain run. A method whose training has
+        several phases overrides this: LT-SFT runs a dense phase, selects its entries (which
+        replaces the units' parameters), then runs a sparse phase.
+        """
+        run()
+
 
 def coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert `value` (often a string) to the type `annotation` describes.
@@ -93,6 +113,9 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
                 return coerce(value, option, where)
             except ConfigError:
                 continue
+        described = _describe_union(options)
+        if described is not None:
+            raise ConfigError(f"{where}: expected {described}, got {value!r}")
         raise ConfigError(f"{where}: cannot interpret {value!r} as {_type_name(annotation)}")
     if origin is Literal:
         allowed = get_args(annotation)
@@ -146,6 +169,27 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
 
 def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
+
+
+_SCALAR_NAMES: dict[Any, str] = {float: "a number", int: "an integer", bool: "true/false", str: "a string"}
+
+
+def _describe_union(options: tuple[Any, ...]) -> str | None:
+    """Words for a union of scalars and Literals that has a Literal, e.g. `float | Literal["learned"]`
+    -> "a number or one of 'learned'"; None for other unions (their message names the type)."""
+    if not any(get_origin(o) is Literal for o in options):
+        return None
+    words = []
+    for option in options:
+        if option is type(None):
+            words.append("none")
+        elif get_origin(option) is Literal:
+            words.append("one of " + ", ".join(map(repr, get_args(option))))
+        elif option in _SCALAR_NAMES:
+            words.append(_SCALAR_NAMES[option])
+        else:
+            return None
+    return " or ".join(words)
 
 
 def check(condition: bool, method: str, field: str, message: str) -> None:

@@ -154,4 +154,10 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         # Head mode when an active module has a head; else the HF model's own head and loss.
-        return self.mm(**batch) if self.mm.head_name is not None else self.mm.model(**batch)
+        if self.mm.head_name is not None:
+            return self.mm(**batch)  # adds the units' regularization itself
+        out = self.mm.model(**batch)
+        extra = self.mm.regularization() if self.mm.model.training else None
+        if extra is not None and out.loss is not None:
+            out.loss = out.loss + extra  # e.g. diff pruning's L0 penalty on a language module
+        return out

@@ -351,6 +351,25 @@ class ModularModel(nn.Module):
             self.activate(name)
         return params
 
+    def regularization(self) -> torch.Tensor | None:
+        """The sum of the running units' auxiliary losses (`Unit.regularizer()`), or None if none has one.
+
+        `forward` adds it to the head's loss in training mode, so a loop or the HF Trainer that
+        calls `mm(...)` gets it; code that calls `mm.model(...)` directly adds it itself. Merged
+        modules do not run and contribute nothing.
+        """
+        if self._composition is None:
+            return None
+        total: torch.Tensor | None = None
+        for name in self._composition.names():
+            if self.records[name].merged:
+                continue
+            for _, unit in self.units(name):
+                term = unit.regularizer()
+                if term is not None:
+                    total = term if total is None else total + term
+        return total
+
     # -- merging -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -421,7 +440,8 @@ class ModularModel(nn.Module):
         batch columns that `forward`'s signature names.
 
         Returns:
-            `ModularOutput(loss, logits, hidden_states)`; loss only when `labels` are given.
+            `ModularOutput(loss, logits, hidden_states)`; loss only when `labels` are given, in
+            training mode plus `regularization()` (the running units' auxiliary losses).
 
         Raises:
             RuntimeError: no active module has a head (use `mm.model(...)` for the HF outputs).
@@ -443,6 +463,10 @@ class ModularModel(nn.Module):
         head_param = next(built.parameters(), None)
         logits = built(hidden if head_param is None else hidden.to(head_param.dtype), attention_mask)
         loss = head_loss(built.config.task, logits, labels) if labels is not None else None
+        if loss is not None and self.model.training:
+            extra = self.regularization()  # e.g. diff pruning's L0 penalty; training only, so that
+            if extra is not None:  # evaluation losses stay comparable across methods
+                loss = loss + extra
         return ModularOutput(loss=loss, logits=logits, hidden_states=hidden)
 
 

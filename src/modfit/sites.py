@@ -43,6 +43,8 @@ class SiteCall:
         norm: the post-residual LayerNorm of a post-LN family (None otherwise).
         base: the watched module itself (a projection's weight for merge-free variants).
         kwargs: the watched module's keyword inputs.
+        output: the watched module's own output, as it returned it (for a tensor output, what the
+            base computed before any unit ran: DoRA rescales the base part of a projection's output).
     """
 
     inputs: tuple[Any, ...]
@@ -50,6 +52,7 @@ class SiteCall:
     norm: nn.Module | None
     base: nn.Module
     kwargs: dict[str, Any] = field(default_factory=dict)
+    output: Any = None
 
 
 class Unit(nn.Module):
@@ -98,6 +101,15 @@ class Unit(nn.Module):
         for name, delta in self.deltas(base).items():
             param = cast(torch.Tensor, getattr(base, name))
             param.sub_(delta.to(device=param.device, dtype=param.dtype))
+
+    def regularizer(self) -> torch.Tensor | None:
+        """An auxiliary loss term of this unit (a scalar), or None (the default: no term).
+
+        `ModularModel.regularization()` sums the terms of the running units and `ModularModel.forward`
+        adds that sum to the loss in training mode. Diff pruning's λ·E[L0] penalty uses this
+        channel; routers' load-balancing losses are meant to use it too.
+        """
+        return None
 
 
 @dataclass(frozen=True)
@@ -231,7 +243,9 @@ class Site(nn.Module):
         self._stash.residual = None  # do not keep activations alive after this call
         if not args and kwargs:
             args = tuple(kwargs.values())
-        call = SiteCall(inputs=args, residual=residual, norm=self._norm.module, base=module, kwargs=kwargs)
+        call = SiteCall(
+            inputs=args, residual=residual, norm=self._norm.module, base=module, kwargs=kwargs, output=output
+        )
         if self._plain_output:
             is_tuple = isinstance(output, tuple)
             h = output[0] if is_tuple else output

@@ -29,6 +29,13 @@ def is_projection(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: `nn.LayerNorm` (and subclasses), or a class named `*LayerNorm` /
+    `*RMSNorm`, as transformers names its own per family (`T5LayerNorm`, `LlamaRMSNorm`,
+    `Qwen2RMSNorm`, `GemmaRMSNorm`, ...) and torch its `nn.RMSNorm`."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 def projection_shape(module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a projection; Conv1D stores weight as (in, out)."""
     if isinstance(module, nn.Linear):
@@ -130,6 +137,56 @@ class ModelView:
                 raise TargetError(self._no_match_message(target, all_paths))
             for path in matched:
                 found[path] = None
+        order = {p: i for i, p in enumerate(all_paths)}
+        return sorted(found, key=order.__getitem__)
+
+    def norms(
+        self,
+        targets: Iterable[str] = ("all-norm",),
+        layers: Sequence[int] | None = None,
+        *,
+        outside_layers: bool = False,
+    ) -> list[str]:
+        """Paths of the normalisation layers (`is_norm`) that `targets` name, in model order, deduplicated.
+
+        Args:
+            targets: `all-norm` (every norm inside the layer stacks; every norm of a model the table
+                lacks), module-name suffixes (`LayerNorm`, `ln_1`, `input_layernorm`) or `re:<regex>`.
+            layers: only norms inside these layers.
+            outside_layers: also every norm outside the layer stacks, whatever `layers` says (BERT's
+                embedding LayerNorm, GPT-2's `ln_f`, Llama's final `norm`, T5's `final_layer_norm`).
+
+        Raises:
+            TargetError: a target matches no norm (the message lists the norm names that exist).
+        """
+        own = getattr(self.model, "modfit", None)  # modfit's own modules (adapter LayerNorms) never count
+        own_ids = {id(m) for m in own.modules()} if isinstance(own, nn.Module) else set()
+        all_paths = [
+            p for p, m in self.base_model.named_modules() if p and is_norm(m) and id(m) not in own_ids
+        ]
+        stacks = None if self.arch is None else tuple(f"{g.path}." for g in self.arch.groups)
+        chosen = stacks if layers is None else tuple(ref.path + "." for ref in self.layers(layers))
+        found: dict[str, None] = {}
+        for target in targets:
+            if target == "all-norm":
+                matched = [p for p in all_paths if chosen is None or p.startswith(chosen)]
+            else:
+                if target.startswith("re:"):
+                    pattern = re.compile(target[3:])
+                    matched = [p for p in all_paths if pattern.fullmatch(p)]
+                else:
+                    matched = [p for p in all_paths if p == target or p.endswith("." + target)]
+                if layers is not None:
+                    matched = [p for p in matched if chosen is None or p.startswith(chosen)]
+            if not matched:
+                names = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in all_paths})[:30]) or "none"
+                raise TargetError(
+                    f"target '{target}' matches no LayerNorm/RMSNorm module of this {self.model_type} model; "
+                    f"use all-norm or a norm name: {names}"
+                )
+            found.update(dict.fromkeys(matched))
+        if outside_layers and stacks is not None:
+            found.update(dict.fromkeys(p for p in all_paths if not p.startswith(stacks)))
         order = {p: i for i, p in enumerate(all_paths)}
         return sorted(found, key=order.__getitem__)
 

@@ -213,8 +213,13 @@ def train(
     """Train module `name` of `mm` (everything else frozen) with AdamW and a linear schedule.
 
     The loss is the active head's (`mm.head_name`), or the HF model's own loss when no active
-    module has a head (e.g. a language adapter under `BertForMaskedLM`). The model is left in the
-    train/eval mode it had.
+    module has a head (e.g. a language adapter under `BertForMaskedLM`), plus the running units'
+    `mm.regularization()`. The model is left in the train/eval mode it had.
+
+    The module's config decides the passes (`ModuleConfig.fit`): one plain run for most methods;
+    several for a method trained in phases (LT-SFT: dense, select, sparse), each with a fresh
+    optimizer and its checkpoints in a subfolder of `checkpoint_dir` named after the phase. Steps
+    number on across passes (history, callback, `stop_after_steps`).
 
     Args:
         mm: the model; under torchrun every process passes the same model and data.
@@ -242,7 +247,49 @@ def train(
     if not train_features:
         raise ValueError("no training features")
     procs = Processes.setup()
-    return _Run(mm, name, train_features, collate_fn, settings, eval_features, callback, procs).run()
+    config = mm._record(name).config
+    phases: list[TrainResult] = []
+
+    def run(phase: str | None = None, **overrides: Any) -> TrainResult:
+        # One pass of the loop for `config.fit` (see `ModuleConfig.fit`). Steps number on from the
+        # passes before it: in the history, the callback and `stop_after_steps`.
+        done = sum(r.total_steps for r in phases)
+        s = dataclasses.replace(settings, **overrides)
+        if phase is not None and s.checkpoint_dir is not None:
+            s = dataclasses.replace(s, checkpoint_dir=os.path.join(s.checkpoint_dir, phase))
+        if s.stop_after_steps is not None and s.stop_after_steps - done < 1:
+            result = TrainResult(total_steps=s.total_steps(len(train_features)))  # stopped before it
+        else:
+            if s.stop_after_steps is not None:
+                s = dataclasses.replace(s, stop_after_steps=s.stop_after_steps - done)
+            shifted = _shifted(callback, done) if callback is not None and done else callback
+            result = _Run(mm, name, train_features, collate_fn, s, eval_features, shifted, procs).run()
+            for entry in result.history:
+                entry["step"] += done
+        phases.append(result)
+        return result
+
+    config.fit(mm, name, run)
+    if not phases:
+        raise RuntimeError(f"{config.method}: fit() ran no training pass")
+    last = phases[-1]
+    resumed = [
+        sum(r.total_steps for r in phases[:i]) + r.resumed_from
+        for i, r in enumerate(phases)
+        if r.resumed_from is not None
+    ]
+    return TrainResult(
+        history=[entry for r in phases for entry in r.history],
+        metrics=last.metrics,
+        resumed_from=resumed[-1] if resumed else None,
+        step=sum(r.step for r in phases),
+        total_steps=sum(r.total_steps for r in phases),
+    )
+
+
+def _shifted(callback: Callback, offset: int) -> Callback:
+    """`callback` seeing global step numbers in a pass that starts after `offset` steps."""
+    return lambda step, logs: callback(step + offset, {**logs, "step": step + offset})
 
 
 class _Run:

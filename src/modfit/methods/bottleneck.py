@@ -18,6 +18,16 @@ relu, the base LayerNorm before the adapter), `parallel` (branch from the FFN in
 `scaled_parallel` (the same with scaling 4, He et al.'s "scaled PA"). On BERT-base at reduction
 factor 16, pfeiffer trains 12 × (768·48 + 48 + 48·768 + 768) = 894,528 parameters; houlsby twice
 that, 1,789,056.
+
+Learned scaling and gating (as AdapterHub `adapters`' `Adapter`, used by UniPELT, Mao et al. 2022,
+arXiv:2110.07577): `scaling="learned"` trains one scalar (init 1), `scaling="channel"` one factor per
+hidden unit (init 1); `use_gating=True` adds a gate g = mean over the sequence of sigmoid(W_g x + b_g)
+(W_g: 1×hidden, x the adapter input), one value per example, multiplying the adapter output::
+
+    h' = h + g · scaling · up(act(down(x)))        g: (batch, 1, 1)
+
+The down and up projections are `nn.Linear` unless a method passes its own modules (Compacter's
+PHM layers, `methods/compacter.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from ..targets import ModelView
 Placement = Literal["attn_output", "ffn_output"]
 Mode = Literal["sequential", "parallel"]
 Init = Literal["zero_up", "bert", "houlsby"]
+LearnedScaling = Literal["learned", "channel"]
 
 
 class BottleneckUnit(Unit):
@@ -45,31 +56,55 @@ class BottleneckUnit(Unit):
 
     Args:
         hidden: the model width; bottleneck: the inner width.
-        config: placement-independent settings (mode, activation, layer norms, scaling, init).
+        config: placement-independent settings (mode, activation, layer norms, scaling, gating, init).
+        down, up: the projections hidden -> bottleneck and bottleneck -> hidden (default: `nn.Linear`).
+            Modules given here initialise themselves: `config.init` only sets `nn.Linear` projections.
     """
 
     stage = 1
     needs_residual = True
 
-    def __init__(self, hidden: int, bottleneck: int, config: BottleneckConfig) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        bottleneck: int,
+        config: BottleneckConfig,
+        down: nn.Module | None = None,
+        up: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.parallel = config.mode == "parallel"
         self.original_ln_before = config.original_ln_before
         self.residual_before_ln = config.residual_before_ln
-        self.scaling = config.scaling
+        self.scaling: float | nn.Parameter
+        if config.scaling == "learned":
+            self.scaling = nn.Parameter(torch.ones(1))
+        elif config.scaling == "channel":
+            self.scaling = nn.Parameter(torch.ones(hidden))  # one factor per hidden unit
+        else:
+            self.scaling = float(config.scaling)
         self.ln_before = nn.LayerNorm(hidden) if config.ln_before else None
-        self.down = nn.Linear(hidden, bottleneck)
+        self.down = down if down is not None else nn.Linear(hidden, bottleneck)
         self.act = get_activation(config.activation)
-        self.up = nn.Linear(bottleneck, hidden)
+        self.up = up if up is not None else nn.Linear(bottleneck, hidden)
         self.ln_after = nn.LayerNorm(hidden) if config.ln_after else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.gate = nn.Linear(hidden, 1) if config.use_gating else None
         _initialise(self, config.init)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the adapter computes in (its own parameters' dtype)."""
+        return next(self.down.parameters()).dtype
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """scaling · up(act(down(x))), with the optional adapter-own layer norms. (..., hidden)."""
-        if self.ln_before is not None:
-            x = self.ln_before(x)
-        out = self.dropout(self.up(self.act(self.down(x)))) * self.scaling
+        """g · scaling · up(act(down(x))), with the optional adapter-own layer norm. (..., hidden)."""
+        out = self.ln_before(x) if self.ln_before is not None else x
+        out = self.dropout(self.up(self.act(self.down(out)))) * self.scaling
+        if self.gate is not None:
+            # As adapters: one gate per example, the mean over the sequence (padding included) of a
+            # per-token sigmoid: (batch, seq, 1) -> (batch, 1, 1).
+            out = out * torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
         return out
 
     def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
@@ -77,11 +112,11 @@ class BottleneckUnit(Unit):
         if self.parallel:
             if r is None:
                 raise RuntimeError("parallel adapter: the site did not capture the sub-layer input")
-            out = self.branch(r.to(self.down.weight.dtype))
+            out = self.branch(r.to(self.dtype))
             if self.ln_after is not None:
                 out = self.ln_after(out)
             return h + out.to(h.dtype)
-        x = h.to(self.down.weight.dtype)
+        x = h.to(self.dtype)
         residual = x
         if self.original_ln_before:
             if r is None:
@@ -99,20 +134,31 @@ class BottleneckUnit(Unit):
 
 
 def _initialise(unit: BottleneckUnit, init: str) -> None:
+    # Only nn.Linear projections: modules a method passes in (PHM layers) initialise themselves.
+    down = unit.down if isinstance(unit.down, nn.Linear) else None
+    up = unit.up if isinstance(unit.up, nn.Linear) else None
+    linears = [linear for linear in (down, up) if linear is not None]
     with torch.no_grad():
         if init == "zero_up":
-            nn.init.kaiming_uniform_(unit.down.weight, a=math.sqrt(5))
-            nn.init.zeros_(unit.down.bias)
-            nn.init.zeros_(unit.up.weight)
-            nn.init.zeros_(unit.up.bias)
+            if down is not None:
+                nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+                nn.init.zeros_(down.bias)
+            if up is not None:
+                nn.init.zeros_(up.weight)
+                nn.init.zeros_(up.bias)
         elif init == "bert":
-            for linear in (unit.down, unit.up):
+            for linear in linears:
                 nn.init.normal_(linear.weight, std=0.02)
                 nn.init.zeros_(linear.bias)
         elif init == "houlsby":
-            for linear in (unit.down, unit.up):
+            for linear in linears:
                 nn.init.trunc_normal_(linear.weight, std=1e-2, a=-2e-2, b=2e-2)
                 nn.init.zeros_(linear.bias)
+        # adapters initialises the gate like BERT for "bert" and "mam_adapter" (our "zero_up"), and
+        # leaves nn.Linear's default for "houlsby"
+        if unit.gate is not None and init in ("zero_up", "bert"):
+            nn.init.normal_(unit.gate.weight, std=0.02)
+            nn.init.zeros_(unit.gate.bias)
 
 
 @dataclass(frozen=True)
@@ -125,7 +171,9 @@ class BottleneckConfig(ModuleConfig):
         placement: sub-layer outputs to adapt: "attn_output", "ffn_output".
         mode: "sequential" (transform h) or "parallel" (branch from the sub-layer input r).
         activation: any HuggingFace activation name (relu, swish/silu, gelu, tanh, ...).
-        scaling: multiplier on the adapter output.
+        scaling: multiplier on the adapter output: a number, "learned" (one trained scalar, init 1)
+            or "channel" (one trained factor per hidden unit, init 1).
+        use_gating: multiply the adapter output by a learned gate (sigmoid, averaged over the sequence).
         original_ln_before: feed the adapter LN(h + r) using the base model's LayerNorm.
         residual_before_ln: the adapter's own residual is h (True) or LN(h + r) (False).
         ln_before, ln_after: adapter-own LayerNorms on its input / output.
@@ -139,7 +187,8 @@ class BottleneckConfig(ModuleConfig):
     placement: tuple[Placement, ...] = ("ffn_output",)
     mode: Mode = "sequential"
     activation: str = "relu"
-    scaling: float = 1.0
+    scaling: float | LearnedScaling = 1.0
+    use_gating: bool = False
     original_ln_before: bool = False
     residual_before_ln: bool = True
     ln_before: bool = False
@@ -167,6 +216,14 @@ class BottleneckConfig(ModuleConfig):
         ):
             check(value in allowed, m, name, f"unknown value {value!r}; use one of {', '.join(allowed)}")
         check(0 <= self.dropout < 1, m, "dropout", f"must be in [0, 1), got {self.dropout}")
+        scaling = self.scaling
+        if isinstance(scaling, str):
+            valid = scaling in get_args(LearnedScaling)
+        else:
+            valid = (
+                isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and math.isfinite(scaling)
+            )
+        check(valid, m, "scaling", f"expected a number, 'learned' or 'channel', got {scaling!r}")
         try:
             get_activation(self.activation)
         except KeyError:
@@ -220,4 +277,4 @@ class ParallelConfig(BottleneckConfig):
 @dataclass(frozen=True)
 class ScaledParallelConfig(BottleneckConfig):
     mode: Mode = "parallel"
-    scaling: float = 4.0
+    scaling: float | LearnedScaling = 4.0
