@@ -15,7 +15,7 @@ def test_prefix_learns() -> None:
     default learning rate is 3e-2, thirty times LoRA's."""
     lr = modfit.config("prefix").default_lr
     assert lr == 3e-2
-    assert held_out_accuracy("prefix", lr=lr) >= 0.75
+    assert held_out_accuracy("prefix", lr=lr) >= 0.80  # measured 0.87; the head alone reaches ~0.75
 
 
 @pytest.mark.slow

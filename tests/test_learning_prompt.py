@@ -15,4 +15,4 @@ def test_prompt_learns() -> None:
     (diverges). Chance is 0.5, LoRA 0.86. The default learning rate is 3e-2, thirty times LoRA's."""
     lr = modfit.config("prompt").default_lr
     assert lr == 3e-2
-    assert held_out_accuracy("prompt", lr=lr) >= 0.70
+    assert held_out_accuracy("prompt", lr=lr) >= 0.78  # measured 0.815; the head alone reaches ~0.75
