@@ -45,10 +45,10 @@ def measure(method: str, batch: int, length: int, steps: int, warmup: int, threa
         carrier = {id(p) for p in mm.module_parameters("full")}  # the rank-1 module and the head
         trainable = sum(p.numel() for p in params if id(p) not in carrier)
     else:
-        mm.add(method, modfit.config(method), head=head)
-        mm.activate(method)
-        params = mm.train_only(method)
-        trainable = mm.trainable_parameters(method)
+        mm.add("bench", modfit.config(method), head=head)  # method names need not be module names
+        mm.activate("bench")
+        params = mm.train_only("bench")
+        trainable = mm.trainable_parameters("bench")
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)
     ids = torch.randint(1000, 20000, (batch, length))
     labels = torch.randint(0, 2, (batch,))
