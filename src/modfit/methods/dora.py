@@ -39,7 +39,6 @@ from typing import cast
 import torch
 from torch import nn
 
-from ..config import ConfigError
 from ..registry import register_method
 from ..sites import Attachment, SiteCall
 from ..targets import ModelView, projection_shape
@@ -150,12 +149,6 @@ class DoraUnit(LoraUnit):
 class DoraConfig(LoraConfig):
     """DoRA settings: LoRA's (`r`, `alpha`, `dropout`, `targets`, `layers`, `rslora`, `init`); the
     magnitude vector has no settings (it starts as the weight's norm per output feature)."""
-
-    def __post_init__(self) -> None:
-        try:
-            super().__post_init__()
-        except ConfigError as e:  # LoraConfig names its fields "lora.<field>"; this is dora's config
-            raise ConfigError(str(e).replace("lora.", "dora.", 1)) from None
 
     def build(self, view: ModelView) -> list[Attachment]:
         """One `DoraUnit` per targeted projection."""

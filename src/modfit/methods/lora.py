@@ -103,11 +103,12 @@ class LoraConfig(ModuleConfig):
     init: Init = "kaiming"
 
     def __post_init__(self) -> None:
-        check(self.r >= 1, "lora", "r", f"must be >= 1, got {self.r}")
-        check(self.init in get_args(Init), "lora", "init", f"unknown {self.init!r}; use {get_args(Init)}")
-        check(self.alpha > 0, "lora", "alpha", f"must be > 0, got {self.alpha}")
-        check(0 <= self.dropout < 1, "lora", "dropout", f"must be in [0, 1), got {self.dropout}")
-        check(len(self.targets) > 0, "lora", "targets", "name at least one projection")
+        check(self.r >= 1, self.method, "r", f"must be >= 1, got {self.r}")
+        allowed = get_args(Init)
+        check(self.init in allowed, self.method, "init", f"unknown {self.init!r}; use {allowed}")
+        check(self.alpha > 0, self.method, "alpha", f"must be > 0, got {self.alpha}")
+        check(0 <= self.dropout < 1, self.method, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(len(self.targets) > 0, self.method, "targets", "name at least one projection")
 
     def build(self, view: ModelView) -> list[Attachment]:
         """One `LoraUnit` per targeted projection."""
