@@ -515,6 +515,26 @@ def test_new_module_trains_its_own_head_wherever_it_stands(
     assert ok(modfit_cli(capsys, *argv, "--json")).json()["composition"] == "stack(task, lang)"
 
 
+def test_train_and_reload_a_union(
+    capsys: pytest.CaptureFixture[str], bert: Path, data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "both"
+    argv = ["train", "--base", bert, "--task", "seq-cls", "--train", data / "train.csv", "--out", out]
+    argv += ["--method", "union", "--param", "components=lora,prefix", "--param", "lora.r=2"]
+    argv += ["--param", "prefix.num_virtual_tokens=2", "--steps", "3", "--batch-size", "8", "--json"]
+    ok(modfit_cli(capsys, *argv))
+    card = json.loads((out / "module.json").read_text())
+    assert card["method"] == "union"
+    assert [(c["method"], c.get("r"), c.get("num_virtual_tokens")) for c in card["config"]["components"]] == [
+        ("lora", 2, None),
+        ("prefix", None, 2),
+    ]
+    metrics = ok(
+        modfit_cli(capsys, "eval", "--base", bert, "--load", out, "--data", data / "dev.csv", "--json")
+    )
+    assert set(metrics.json()["metrics"]) >= {"accuracy", "macro_f1"}
+
+
 # -- count -------------------------------------------------------------------------------------
 
 
@@ -524,6 +544,10 @@ def test_new_module_trains_its_own_head_wherever_it_stands(
         ("lora", ["r=8", "targets=query,value"], 294_912),
         ("pfeiffer", [], 894_528),
         ("houlsby", [], 1_789_056),
+        ("unipelt", [], 11_083_376),
+        ("mam", [], 22_493_984),
+        # LoRA r=4 on q,v (147,456) + 10 virtual tokens (10 x 12 x 2 x 768 = 184,320)
+        ("union", ["components=lora,prefix", "lora.r=4", "prefix.num_virtual_tokens=10"], 331_776),
     ],
 )
 def test_count_on_bert_base(

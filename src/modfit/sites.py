@@ -111,6 +111,12 @@ class Unit(nn.Module):
         """
         return None
 
+    def parts(self) -> list[Unit]:
+        """The units a site runs in place of this one: itself. A union of methods (several methods in
+        one module, `methods/union.py`) returns its members, so that the site orders every member by
+        its own stage and gives each the hooks it needs."""
+        return [self]
+
 
 @dataclass(frozen=True)
 class Attachment:
@@ -188,20 +194,20 @@ class Site(nn.Module):
         if name in self.units:
             raise ValueError(f"site {self.path} already holds a unit of module '{name}'")
         self.units[name] = unit
-        if unit.edits_input and not self._input_hooked:
+        if any(part.edits_input for part in unit.parts()) and not self._input_hooked:
             # registered only once a unit needs it: projection sites of LoRA pay for no pre-hook
             self._handles.append(self.target.register_forward_pre_hook(self._on_input, with_kwargs=True))
             self._input_hooked = True
 
     def remove_unit(self, name: str) -> None:
         """Detach the unit of module `name` and drop it from the active list."""
-        unit = self.units[name]
+        parts = cast(Unit, self.units[name]).parts()
         del self.units[name]
-        self._active = [u for u in self._active if u is not unit]
+        self._active = [u for u in self._active if not any(u is p for p in parts)]
 
     def set_active(self, names: list[str]) -> None:
         """Activate the units of these modules, in this order within each stage."""
-        units = [cast(Unit, self.units[n]) for n in names if n in self.units]
+        units = [part for n in names if n in self.units for part in cast(Unit, self.units[n]).parts()]
         self._active = sorted(units, key=lambda u: u.stage)  # stable: keeps composition order
         self._editors = [u for u in self._active if u.edits_input]
         self._plain_output = not any(u.whole_output for u in self._active)

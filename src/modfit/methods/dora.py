@@ -39,6 +39,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from ..config import check
 from ..registry import register_method
 from ..sites import Attachment, SiteCall
 from ..targets import ModelView, projection_shape
@@ -149,6 +150,10 @@ class DoraUnit(LoraUnit):
 class DoraConfig(LoraConfig):
     """DoRA settings: LoRA's (`r`, `alpha`, `dropout`, `targets`, `layers`, `rslora`, `init`); the
     magnitude vector has no settings (it starts as the weight's norm per output feature)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(not self.use_gating, self.method, "use_gating", "is a LoRA option; DoRA has no gate")
 
     def build(self, view: ModelView) -> list[Attachment]:
         """One `DoraUnit` per targeted projection."""

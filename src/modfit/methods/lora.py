@@ -12,13 +12,21 @@ Conv1D, whose weight is stored as (in, out)).
 
 Parameter count per target projection: r · (in + out); r=8 on BERT-base query and value gives
 12 layers × 2 × 8 × (768 + 768) = 294,912.
+
+`use_gating=True` (UniPELT, Mao et al. 2022, arXiv:2110.07577) scales the branch by a learned gate
+read from the projection's input, one value per example as in AdapterHub `adapters`::
+
+    g = mean over the sequence of sigmoid(w · x_t + b)      (batch, 1, 1); w: (in,), + in + 1 parameters
+    h = W x + g · s · B A x
+
+A gated branch depends on the input through g, so it no longer merges into the weight.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -75,6 +83,28 @@ class LoraUnit(Unit):
         return {"weight": self.delta_weight()}
 
 
+class GatedLoraUnit(LoraUnit):
+    """A LoRA branch scaled per example by a learned sigmoid gate of the input (UniPELT); not mergeable."""
+
+    mergeable = False
+
+    def __init__(self, in_features: int, out_features: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(in_features, out_features, *args, **kwargs)
+        self.gate = nn.Linear(in_features, 1)
+        nn.init.normal_(self.gate.weight, std=0.02)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
+        x = call.inputs[0].to(self.lora_A.dtype)  # (batch, seq, in)
+        # As adapters: the mean over the sequence (padding included) of a per-token gate: (batch, 1, 1)
+        gate = torch.sigmoid(self.gate(x)).mean(dim=-2, keepdim=True)
+        delta = (self.dropout(x) @ self.lora_A.t()) @ self.lora_B.t()
+        return h + (delta * (self.scale * gate)).to(h.dtype)
+
+    def deltas(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("a gated LoRA branch depends on its input through its gate: not mergeable")
+
+
 Init = Literal["kaiming", "gaussian"]
 
 
@@ -92,6 +122,7 @@ class LoraConfig(ModuleConfig):
         layers: only these layer indices (None: every layer).
         rslora: rank-stabilised scaling alpha / sqrt(r).
         init: "kaiming" (A Kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r), B zero).
+        use_gating: scale the branch by a learned per-example gate (UniPELT); not mergeable then.
     """
 
     r: int = 8
@@ -101,6 +132,7 @@ class LoraConfig(ModuleConfig):
     layers: tuple[int, ...] | None = None
     rslora: bool = False
     init: Init = "kaiming"
+    use_gating: bool = False
 
     def __post_init__(self) -> None:
         check(self.r >= 1, self.method, "r", f"must be >= 1, got {self.r}")
@@ -115,7 +147,8 @@ class LoraConfig(ModuleConfig):
         attachments = []
         for path in view.projections(self.targets, self.layers):
             in_f, out_f, fan_in_fan_out = projection_shape(view.module(path))
-            unit = LoraUnit(in_f, out_f, self.r, self.alpha, self.dropout, self.rslora, fan_in_fan_out)
+            unit_class = GatedLoraUnit if self.use_gating else LoraUnit
+            unit = unit_class(in_f, out_f, self.r, self.alpha, self.dropout, self.rslora, fan_in_fan_out)
             if self.init == "gaussian":
                 nn.init.normal_(unit.lora_A, std=1 / self.r)
             attachments.append(Attachment(path, unit))

@@ -40,6 +40,13 @@ the stack; nothing in it names a family:
   on BERT shifts them to n..n+L-1, so a PEFT encoder prefix moved here sees other absolute positions);
   in T5 the relative position bias places the prefix at the n positions before the tokens.
 
+`use_gating=True` (UniPELT, Mao et al. 2022, arXiv:2110.07577) scales each layer's virtual keys and
+values by a learned gate, one value per example as in AdapterHub `adapters`: g_l = mean over the sequence
+of sigmoid(w_l · x_t + b_l), hidden + 1 parameters per layer. On encoder stacks x is the layer's attention
+input, as in the paper. A causal stack's prefix enters the cache before any layer runs, so there x is the
+stack's input embeddings (the gates of all layers read the same tokens, each with its own w_l, b_l);
+during generation the gate computed on the prompt stays with the cached prefix.
+
 Cross-attention is untouched (as in PEFT). Prefix tuning is not an identity at initialisation and cannot
 be merged into weights. Under gradient checkpointing transformers drops the cache of a causal stack, so
 training there with checkpointing is refused rather than silently losing the prefix.
@@ -104,6 +111,7 @@ class PrefixStackUnit(Unit):
         stack: nn.Module,
         causal: bool,
         cross_attention: bool = False,
+        use_gating: bool = False,
     ) -> None:
         super().__init__()
         self.n, self.layers, self.width, self.heads = n, layers, width, heads
@@ -121,6 +129,9 @@ class PrefixStackUnit(Unit):
         self.cross_attention = cross_attention
         self.table = _Table()
         self._stack = _Ref(stack)
+        # Causal stacks: every layer's gate reads the input embeddings, so one (hidden -> layers)
+        # map holds them all. Encoder stacks gate in their attention units instead.
+        self.gates = _new_gate(hidden, layers) if use_gating and causal else None
 
     def values(self) -> torch.Tensor:
         """Every layer's prefix: (n, layers, 2, width); [:, l, 0] the keys, [:, l, 1] the values."""
@@ -146,13 +157,41 @@ class PrefixStackUnit(Unit):
             cache = new_cache(getattr(stack, "config", None), self.cross_attention)
             kwargs["past_key_values"] = cache
         if claims_cache(cache, self):
-            self._fill(cache, _batch_size(kwargs), _dtype(stack))
+            batch = _batch_size(kwargs)  # also checks that input_ids or inputs_embeds is given
+            self._check_positions(stack, kwargs)
+            gates = self._gates(stack, kwargs) if self.gates is not None else None
+            self._fill(cache, batch, _dtype(stack), gates)
         kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), self.n)
         shift_positions(kwargs, self.n, prepend=False)
         return (), kwargs
 
-    def _fill(self, cache: Any, batch: int, dtype: torch.dtype) -> None:
-        """Put the n virtual keys/values of every layer into an empty cache (its self-attention part)."""
+    def _check_positions(self, stack: nn.Module, kwargs: dict[str, Any]) -> None:
+        """Refuse inputs whose shifted positions n..n+L-1 run past a learned absolute position table
+        (GPT-2's `wpe`), which would otherwise fail deep inside the embedding lookup."""
+        limit = getattr(getattr(stack, "config", None), "max_position_embeddings", None)
+        tables = [m for m in stack.children() if isinstance(m, nn.Embedding) and m.num_embeddings == limit]
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if limit is None or not tables or not isinstance(tokens, torch.Tensor):
+            return
+        length = int(tokens.shape[1])
+        if self.n + length > limit:
+            raise ValueError(
+                f"prefix: {self.n} virtual tokens + {length} input tokens exceed the model's {limit} "
+                "learned positions (the real tokens take positions n, n+1, ...); use fewer virtual "
+                "tokens or shorter inputs"
+            )
+
+    def _gates(self, stack: nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Every layer's gate from the stack's input embeddings: (batch, layers)."""
+        assert self.gates is not None
+        embeds = kwargs.get("inputs_embeds")
+        if not isinstance(embeds, torch.Tensor):
+            embeds = cast(Any, stack).get_input_embeddings()(kwargs["input_ids"])  # (batch, seq, hidden)
+        return torch.sigmoid(self.gates(embeds.to(self.gates.weight.dtype))).mean(dim=1)
+
+    def _fill(self, cache: Any, batch: int, dtype: torch.dtype, gates: torch.Tensor | None = None) -> None:
+        """Put the n virtual keys/values of every layer into an empty cache (its self-attention part),
+        scaled per example by `gates` (batch, layers) when given."""
         self_cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the self part
         values = self.values().to(dtype)
         for layer in range(self.layers):
@@ -161,6 +200,9 @@ class PrefixStackUnit(Unit):
                 values[:, layer, i].view(self.n, self.heads, -1).transpose(0, 1).expand(batch, -1, -1, -1)
                 for i in (0, 1)
             )
+            if gates is not None:
+                g = gates[:, layer].to(dtype).view(batch, 1, 1, 1)
+                k, v = k * g, v * g
             self_cache.update(k, v, layer)
 
     def forward(self, output: Any, call: SiteCall) -> Any:
@@ -175,11 +217,17 @@ class PrefixAttentionUnit(Unit):
     edits_input = True
     whole_output = True
 
-    def __init__(self, table: _Table, n: int) -> None:
+    def __init__(self, table: _Table, n: int, gate_hidden: int | None = None) -> None:
         super().__init__()
         self.table = table
         self.n = n
         self._call = threading.local()
+        # UniPELT's gate of this layer's prefix, read from the attention input (None: ungated)
+        self.gate = _new_gate(gate_hidden, 1) if gate_hidden is not None else None
+
+    def current_gate(self) -> torch.Tensor | None:
+        """This thread's gate for the current call, (batch, 1, 1), or None when ungated."""
+        return cast(torch.Tensor | None, getattr(self._call, "gate", None))
 
     def widened(self) -> bool:
         """Whether this thread's current call of the attention was widened."""
@@ -193,6 +241,11 @@ class PrefixAttentionUnit(Unit):
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
             raise TypeError(f"prefix: unexpected self-attention input {type(hidden).__name__}")
         batch, length = hidden.shape[:2]
+        if self.gate is not None:
+            # As adapters: the mean over the sequence (padding included) of a per-token gate
+            self._call.gate = torch.sigmoid(self.gate(hidden.to(self.gate.weight.dtype))).mean(
+                dim=1, keepdim=True
+            )
 
         def widen(name: str | int, value: Any) -> Any:
             if not isinstance(value, torch.Tensor):
@@ -221,6 +274,7 @@ class PrefixAttentionUnit(Unit):
         if not self.widened():
             return output
         self._call.widened = False
+        self._call.gate = None  # do not keep the gate (and its graph) alive after the call
         if isinstance(output, tuple):
             return (output[0][:, self.n :], *output[1:])
         return output[:, self.n :]
@@ -240,8 +294,18 @@ class PrefixProjectionUnit(Unit):
         if values is None or not cast(PrefixAttentionUnit, self._attention.module).widened():
             return h
         n = values.shape[0]
-        prefix = values[:, self.layer, self.which].to(h.dtype)  # (n, width)
-        return torch.cat([prefix.unsqueeze(0).expand(h.shape[0], -1, -1), h[:, n:]], dim=1)
+        prefix = values[:, self.layer, self.which].to(h.dtype).unsqueeze(0)  # (1, n, width)
+        gate = cast(PrefixAttentionUnit, self._attention.module).current_gate()  # (batch, 1, 1) or None
+        prefix = prefix.expand(h.shape[0], -1, -1) if gate is None else prefix * gate.to(h.dtype)
+        return torch.cat([prefix, h[:, n:]], dim=1)
+
+
+def _new_gate(hidden: int, outputs: int) -> nn.Linear:
+    """A gate map hidden -> outputs, initialised as adapters does (weight N(0, 0.02²), bias 0)."""
+    gate = nn.Linear(hidden, outputs)
+    nn.init.normal_(gate.weight, std=0.02)
+    nn.init.zeros_(gate.bias)
+    return gate
 
 
 def _pad_mask(mask: torch.Tensor, n: int, length: int) -> torch.Tensor:
@@ -297,6 +361,7 @@ class PrefixConfig(ModuleConfig):
         num_virtual_tokens: n, the virtual key/value positions in every self-attention layer.
         prefix_projection: compute the prefix with PEFT's MLP reparametrisation (embedding -> MLP).
         encoder_hidden_size: the MLP's inner width (default: the model's hidden size).
+        use_gating: scale each layer's prefix by a learned per-example gate (UniPELT).
     """
 
     identity_at_init: ClassVar[bool] = False
@@ -304,6 +369,7 @@ class PrefixConfig(ModuleConfig):
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
+    use_gating: bool = False
 
     def __post_init__(self) -> None:
         n = self.num_virtual_tokens
@@ -364,6 +430,7 @@ class PrefixConfig(ModuleConfig):
                 view.module(stack_path),
                 causal,
                 cross_attention=causal and bool(getattr(config, "is_encoder_decoder", False)),
+                use_gating=self.use_gating,
             )
             attachments.append(Attachment(stack_path, stack))
             if not causal:
@@ -384,7 +451,8 @@ class PrefixConfig(ModuleConfig):
                 raise TargetError(
                     f"prefix: {key_path} has {width} outputs, the config {stack.width} (heads × head_dim)"
                 )
-            attention = PrefixAttentionUnit(stack.table, self.num_virtual_tokens)
+            gate_hidden = view.hidden_size if self.use_gating else None
+            attention = PrefixAttentionUnit(stack.table, self.num_virtual_tokens, gate_hidden)
             attachments.append(Attachment(_parent(key_path), attention))
             for which, path in enumerate((key_path, value_path)):
                 attachments.append(
