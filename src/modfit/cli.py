@@ -123,6 +123,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", metavar="DIR")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
+
+    # -- merging (issue 4): `modfit merge`, `modfit fisher` -------------------------------------
+    p = sub.add_parser("merge", help="merge saved modules into a new module or a full model (offline)")
+    p.add_argument("--base", default="default", help="the base model the modules were trained on")
+    p.add_argument("--load", action="append", required=True, metavar="DIR", help="a module (repeatable)")
+    p.add_argument("--allow-other-weights", action="store_true")
+    p.add_argument(
+        "--method",
+        default="linear",
+        help="linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune or fisher",
+    )
+    p.add_argument("--weights", metavar="W,W,...", help="one weight per --load, e.g. 1,-1 (default 1 each)")
+    p.add_argument("--density", type=float, help="fraction kept by ties/magnitude_prune (0.2), dare_* (0.5)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies the merged task vector")
+    p.add_argument("--seed", type=int, default=0, help="seeds DARE's drop")
+    p.add_argument("--to", default="same", help="same (the modules' method), lora, sft, or full (a model)")
+    p.add_argument("--rank", type=_positive_int, help="LoRA rank of the result (default: lossless)")
+    p.add_argument("--head", default="first", help="first, average, none, or a loaded module's name")
+    p.add_argument(
+        "--base-weight", type=float, metavar="LAMBDA0", help="--method fisher: Elastic Weight Removal's λ0"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the merged module or model")
+    p.add_argument("--name", help="name of the merged module (default: the --out folder's name)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("fisher", help="compute a module's diagonal Fisher on a data file, stored beside it")
+    p.add_argument("--base", default="default")
+    p.add_argument("--load", required=True, metavar="DIR", help="the module")
+    p.add_argument("--allow-other-weights", action="store_true")
+    _data_args(p)
+    p.add_argument("--data", required=True, metavar="FILE")
+    p.add_argument(
+        "--task", choices=["seq-cls", "token-cls", "mlm", "causal-lm"], help="for a module without head"
+    )
+    p.add_argument(
+        "--target",
+        choices=["sample", "label"],
+        default="sample",
+        help="y drawn from the model (the Fisher, default) or the data's labels (the empirical Fisher)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=_positive_int, default=128)
+    p.add_argument("--out", metavar="DIR", help="folder for fisher.safetensors (default: the --load folder)")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
