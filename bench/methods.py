@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.one, *shape)))
         return 0
     import modfit
+    from modfit.registry import method_entry
 
-    names = args.methods.split(",") if args.methods else [*modfit.methods(), "full"]
+    standalone = [m for m in modfit.methods() if method_entry(m).standalone]  # fusion needs other modules
+    names = args.methods.split(",") if args.methods else [*standalone, "full"]
     rows = []
     for name in names:
         command = [

@@ -740,7 +740,8 @@ def test_module_trained_on_another_base(
     ("expr", "fragments"),
     [
         ("stack(sst", ["missing ')' in composition 'stack(sst'"]),
-        ("fuse(sst)", ["unknown composition 'fuse(...)'"]),
+        ("mix(sst)", ["unknown composition 'mix(...)'"]),
+        ("fuse(sst)", ["fuse() needs at least 2 modules"]),
         ("stack(sst,, x)", ["expected a module name in composition"]),
         ("stack(sst, zz)", ["names unknown module 'zz'"]),
         ("sst + zz", ["cannot read composition 'sst + zz'"]),

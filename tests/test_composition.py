@@ -73,7 +73,7 @@ def test_expressions_are_values() -> None:
         ("(a)", "expected a module name"),
         (",a", "expected a module name"),
         ("a,b", "unexpected ','"),
-        ("fuse(a, b)", "unknown composition 'fuse\\(...\\)' in 'fuse\\(a, b\\)'; known: stack"),
+        ("mix(a, b)", "unknown composition 'mix\\(...\\)' in 'mix\\(a, b\\)'; known: stack, fuse, average"),
         ("a + b", "cannot read composition 'a \\+ b' at character"),
         ("stack(a, b!)", "cannot read composition"),
     ],

@@ -24,11 +24,14 @@ from torch import nn
 import modfit
 from modfit.archs import arch_for
 from modfit.model import ModularModel
+from modfit.registry import method_entry
 
 if TYPE_CHECKING:
     from conftest import Family
 
-METHODS = modfit.methods()
+# Methods whose modules stand alone; fusion layers only exist over other modules (tests/test_fusion.py
+# checks the same invariants for them).
+METHODS = [m for m in modfit.methods() if method_entry(m).standalone]
 LABELS = ("neg", "pos")
 
 

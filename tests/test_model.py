@@ -225,7 +225,7 @@ def test_activate_unknown_module(mm: ModularModel) -> None:
         ("stack(a", r"missing '\)'"),
         ("stack(a,)", "expected a module name"),
         ("stack()", "expected a module name"),
-        ("fuse(a, b)", r"unknown composition 'fuse\(...\)'"),
+        ("mix(a, b)", r"unknown composition 'mix\(...\)'"),
         ("a b", "unexpected 'b'"),
         ("stack(a, a)", "module 'a' appears twice"),
         ("a; b", "cannot read composition"),

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .composition import Composition, CompositionError, as_composition
+from .composition import Composition, CompositionError, Fuse, Single, Stack, as_composition
 from .config import ModuleConfig
 from .heads import Head, HeadConfig, build_head, head_loss
 from .registry import method_entry
@@ -107,6 +107,7 @@ class ModularModel(nn.Module):
         self.view = ModelView(model)
         self.records: dict[str, ModuleRecord] = {}
         self._composition: Composition | None = None
+        self._fusions: dict[Fuse, str] = {}  # each fuse(...) of the active composition -> its fusion module
         self._head_name: str | None = None
         self._fingerprint: dict[str, Any] | None = None
 
@@ -170,7 +171,10 @@ class ModularModel(nn.Module):
         if name in self.records:
             raise ValueError(f"a module named '{name}' already exists; remove it or choose another name")
         method_entry(config.method)  # the config's method must be registered
-        attachments = config.build(self.view)  # type: ignore[attr-defined]
+        # A config whose units depend on other modules (fusion layers go where the fused modules are)
+        # builds from the whole model; every other config from the view of the base alone.
+        build_on = getattr(config, "build_on", None)
+        attachments = build_on(self) if build_on is not None else config.build(self.view)  # type: ignore[attr-defined]
         if not attachments:
             raise ValueError(f"module '{name}' ({config.method}) attaches nowhere on this model")
         record = ModuleRecord(name, config, head, [], card={"task": task or (head.task if head else None)})
@@ -223,7 +227,7 @@ class ModularModel(nn.Module):
         if name in container.heads:
             del container.heads[name]
         del self.records[name]
-        if self._composition is not None and name in self._composition.names():
+        if self._composition is not None and name in self.active_names():
             self.deactivate()
         self._drop_container_if_empty()
 
@@ -272,28 +276,114 @@ class ModularModel(nn.Module):
                 raise CompositionError(f"composition '{expr}' names unknown module '{n}' (modules: {known})")
         if head is not None and self._record(head).head is None:  # checked before anything changes
             raise ValueError(f"module '{head}' has no head")
-        self._composition = expr
-        self._refresh_sites()
+        fusions = self._resolve_fusions(expr)
+        plans = self._plans(expr, fusions)  # raises for a nesting that cannot be meaningful
+        self._composition, self._fusions = expr, fusions
+        self._apply_plans(plans)
         if head is not None:
             self._head_name = head
         else:
-            with_heads = [n for n in names if self.records[n].head is not None]
+            with_heads = [n for n in self.active_names() if self.records[n].head is not None]
             self._head_name = with_heads[-1] if with_heads else None
+
+    def _resolve_fusions(self, expr: Composition) -> dict[Fuse, str]:
+        """The fusion module serving each `fuse(...)` in `expr`: the one named by `fusion=`, else the
+        only fusion module on this model made for exactly those children."""
+        out: dict[Fuse, str] = {}
+        for node in expr.walk():
+            if not isinstance(node, Fuse):
+                continue
+            children = tuple(str(c) for c in node.children)
+            if node.fusion is not None:
+                record = self._record(node.fusion)
+                if record.config.method != "fusion":
+                    raise CompositionError(f"{node}: module '{node.fusion}' is not a fusion module")
+                made_for = tuple(getattr(record.config, "children", ()))
+                if made_for != children:
+                    raise CompositionError(
+                        f"{node}: fusion '{node.fusion}' was made for fuse({', '.join(made_for)})"
+                    )
+                out[node] = node.fusion
+                continue
+            matches = [
+                r.name
+                for r in self.records.values()
+                if r.config.method == "fusion" and tuple(getattr(r.config, "children", ())) == children
+            ]
+            if not matches:
+                raise CompositionError(
+                    f"{node} has no fusion layers on this model: add them with "
+                    f"mm.add(NAME, modfit.config('fusion', children={list(children)})), or train one with "
+                    f"`modfit train --method fusion --compose '{node}'`"
+                )
+            if len(matches) > 1:
+                raise CompositionError(
+                    f"{node}: several fusion modules fit ({', '.join(matches)}); name one with "
+                    f"fuse({', '.join(children)}, fusion=NAME)"
+                )
+            out[node] = matches[0]
+        return out
+
+    def active_names(self) -> list[str]:
+        """Every module the active composition runs: its module names, then its fusion modules."""
+        if self._composition is None:
+            return []
+        names = self._composition.names()
+        return names + [f for f in dict.fromkeys(self._fusions.values()) if f not in names]
 
     def deactivate(self) -> None:
         """No module active (merged modules stay in the weights)."""
         self._composition = None
+        self._fusions = {}
         self._head_name = None
         self._refresh_sites()
 
     def _refresh_sites(self) -> None:
+        self._apply_plans(self._plans(self._composition, self._fusions))
+
+    def _plans(self, expr: Composition | None, fusions: dict[Fuse, str]) -> dict[str, Any]:
+        """What every site runs under `expr`: the running module names (a plain stack), or compiled
+        items and editors (a composition tree, `compose/plan.py`). Nothing changes here, so a
+        composition that cannot be meaningful is refused before the model's state is touched."""
         # Merged modules are already in the weights: their units must not run a second time.
-        names = [] if self._composition is None else self._composition.names()
-        running = [n for n in names if not self.records[n].merged]
+        # imported here: the compose package's merging tools import this module
+        from .compose.plan import compile_site, is_flat
+
         existing: Container | None = getattr(self.model, CONTAINER, None)
-        if existing is not None:
-            for site in existing.all_sites():
-                site.set_active(running)
+        if existing is None:
+            return {}
+        if expr is None:
+            return {key: [] for key in existing.sites}
+        names = expr.names() + [f for f in dict.fromkeys(fusions.values()) if f not in expr.names()]
+        running = [n for n in names if not self.records[n].merged]
+        if is_flat(expr):
+            return {key: running for key in existing.sites}
+        for node in expr.walk():
+            if isinstance(node, (Single, Stack)):
+                continue
+            merged = [n for n in node.names() if self.records[n].merged]
+            if merged:
+                raise CompositionError(
+                    f"module '{merged[0]}' is merged into the weights, so it would act in every branch of "
+                    f"{node}; unmerge it first"
+                )
+        plans: dict[str, Any] = {}
+        for key, site in existing.sites.items():
+            site = cast(Site, site)
+            units = {n: site.unit(n) for n in running if n in site.units}
+            plans[key] = compile_site(expr, units, fusions, site.path)
+        return plans
+
+    def _apply_plans(self, plans: dict[str, Any]) -> None:
+        existing: Container | None = getattr(self.model, CONTAINER, None)
+        if existing is None:
+            return
+        for key, site in existing.sites.items():
+            plan = plans.get(key, [])
+            if isinstance(plan, tuple):
+                cast(Site, site).set_plan(*plan)
+            else:
+                cast(Site, site).set_active(plan)
 
     @property
     def active(self) -> Composition | None:
@@ -347,7 +437,7 @@ class ModularModel(nn.Module):
         params = self.module_parameters(name)
         for p in params:
             p.requires_grad_(True)
-        if self._composition is None or name not in self._composition.names():
+        if self._composition is None or name not in self.active_names():
             self.activate(name)
         return params
 
@@ -361,7 +451,7 @@ class ModularModel(nn.Module):
         if self._composition is None:
             return None
         total: torch.Tensor | None = None
-        for name in self._composition.names():
+        for name in self.active_names():
             if self.records[name].merged:
                 continue
             for _, unit in self.units(name):
@@ -382,6 +472,12 @@ class ModularModel(nn.Module):
         record = self._record(name)
         if record.merged:
             raise ValueError(f"module '{name}' is already merged")
+        for node in self._composition.walk() if self._composition is not None else []:
+            if not isinstance(node, (Single, Stack)) and name in node.names():
+                raise ValueError(
+                    f"module '{name}' is a branch of {node} in the active composition: merged, it would act "
+                    "in every branch; deactivate or change the composition first"
+                )
         self.base_fingerprint  # noqa: B018  (taken from the unmerged weights)
         for path, unit in self.units(name):
             if not unit.mergeable:

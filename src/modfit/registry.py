@@ -17,12 +17,17 @@ from .config import ConfigError, ModuleConfig
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """A registered method: its name, config class, unit class and one-line summary."""
+    """A registered method: its name, config class, unit class and one-line summary.
+
+    `standalone` is False for a method whose modules only make sense over other modules on the same
+    model (fusion layers): it has no default config that attaches to a bare model.
+    """
 
     name: str
     config_class: type[ModuleConfig]
     unit_class: type
     summary: str
+    standalone: bool = True
 
 
 _REGISTRY: dict[str, MethodEntry] = {}
@@ -30,7 +35,9 @@ _REGISTRY: dict[str, MethodEntry] = {}
 C = TypeVar("C", bound=type[ModuleConfig])
 
 
-def register_method(name: str, unit_class: type, summary: str) -> Callable[[C], C]:
+def register_method(
+    name: str, unit_class: type, summary: str, *, standalone: bool = True
+) -> Callable[[C], C]:
     """Class decorator registering a config class under `name`.
 
     Raises:
@@ -42,7 +49,7 @@ def register_method(name: str, unit_class: type, summary: str) -> Callable[[C], 
         if existing is not None and existing.config_class is not config_class:
             raise ValueError(f"method '{name}' is already registered by {existing.config_class.__name__}")
         config_class.method = name
-        _REGISTRY[name] = MethodEntry(name, config_class, unit_class, summary)
+        _REGISTRY[name] = MethodEntry(name, config_class, unit_class, summary, standalone)
         return config_class
 
     return decorate

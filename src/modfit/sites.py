@@ -23,6 +23,7 @@ DDP and `.to()` see their parameters); removing the last unit removes the hooks.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
@@ -45,6 +46,10 @@ class SiteCall:
         kwargs: the watched module's keyword inputs.
         output: the watched module's own output, as it returned it (for a tensor output, what the
             base computed before any unit ran: DoRA rescales the base part of a projection's output).
+        rerun: runs the watched module again on other inputs `(args, kwargs)` with this site's own
+            hooks switched off (a branch of `fuse`/`average` whose units edit the module's input).
+        args: the positional inputs exactly as the module got them (`inputs` falls back to the
+            keyword values when there are none), for `rerun`.
     """
 
     inputs: tuple[Any, ...]
@@ -53,6 +58,8 @@ class SiteCall:
     base: nn.Module
     kwargs: dict[str, Any] = field(default_factory=dict)
     output: Any = None
+    rerun: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None
+    args: tuple[Any, ...] = ()
 
 
 class Unit(nn.Module):
@@ -205,6 +212,14 @@ class Site(nn.Module):
         del self.units[name]
         self._active = [u for u in self._active if not any(u is p for p in parts)]
 
+    def set_plan(self, items: list[Any], editors: list[Unit]) -> None:
+        """Run `items` in order on the output: units, or the combining nodes of a composition tree
+        (`compose/plan.py`: callables `(h, call) -> h` with the Unit's class attributes). `editors`
+        are the units whose `before()` rewrites the input for the whole call (those at the top)."""
+        self._active = list(items)
+        self._editors = list(editors)
+        self._plain_output = not any(getattr(u, "whole_output", False) for u in self._active)
+
     def set_active(self, names: list[str]) -> None:
         """Activate the units of these modules, in this order within each stage."""
         units = [part for n in names if n in self.units for part in cast(Unit, self.units[n]).parts()]
@@ -221,8 +236,19 @@ class Site(nn.Module):
 
     # -- hooks -------------------------------------------------------------------------------
 
+    def _bypassed(self) -> bool:
+        return bool(getattr(self._stash, "bypass", False))
+
+    def _rerun(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The watched module on other inputs, without this site's hooks (they would recurse)."""
+        self._stash.bypass = True
+        try:
+            return self.target(*args, **kwargs)
+        finally:
+            self._stash.bypass = False
+
     def _on_residual(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not self._active:
+        if not self._active or self._bypassed():
             return None  # nothing will read it: keep no reference to the activation
         ref = self._residual_ref
         assert ref is not None
@@ -233,7 +259,7 @@ class Site(nn.Module):
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        if not self._editors:
+        if not self._editors or self._bypassed():
             return None
         for unit in self._editors:
             args, kwargs = unit.before(args, kwargs)
@@ -243,14 +269,22 @@ class Site(nn.Module):
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
         active = self._active
-        if not active:
+        if not active or self._bypassed():
             return None  # leave the output untouched
         residual = getattr(self._stash, "residual", None)
         self._stash.residual = None  # do not keep activations alive after this call
+        raw_args = args
         if not args and kwargs:
             args = tuple(kwargs.values())
         call = SiteCall(
-            inputs=args, residual=residual, norm=self._norm.module, base=module, kwargs=kwargs, output=output
+            inputs=args,
+            residual=residual,
+            norm=self._norm.module,
+            base=module,
+            kwargs=kwargs,
+            output=output,
+            rerun=self._rerun,
+            args=raw_args,
         )
         if self._plain_output:
             is_tuple = isinstance(output, tuple)
