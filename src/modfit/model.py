@@ -26,7 +26,16 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .composition import Composition, CompositionError, Fuse, Single, Stack, as_composition
+from .composition import (
+    BatchSplit,
+    Composition,
+    CompositionError,
+    Fuse,
+    Parallel,
+    Single,
+    Stack,
+    as_composition,
+)
 from .config import ModuleConfig
 from .heads import Head, HeadConfig, build_head, head_loss
 from .registry import method_entry
@@ -58,10 +67,13 @@ class ModuleRecord:
 
 @dataclass
 class ModularOutput(ModelOutput):
-    """Head-mode output: `loss` (when labels were given), `logits`, and the last hidden states."""
+    """Head-mode output: `loss` (when labels were given), `logits`, and the last hidden states.
+
+    Under `parallel(...)` (or a `batchsplit(...)` whose branches have different heads) `logits` is a
+    tuple, one entry per branch, and `hidden_states` holds the replicated batch."""
 
     loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
+    logits: torch.Tensor | tuple[torch.Tensor, ...] | None = None
     hidden_states: torch.Tensor | None = None
 
 
@@ -180,6 +192,9 @@ class ModularModel(nn.Module):
         record = ModuleRecord(name, config, head, [], card={"task": task or (head.task if head else None)})
         if language is not None:
             record.card["language"] = language
+        composition = getattr(config, "composition", None)
+        if callable(composition):  # a fusion module: the expression that uses it, saved on its card
+            record.card["composition"] = composition()
         self.records[name] = record
         try:
             for attachment in attachments:
@@ -358,6 +373,12 @@ class ModularModel(nn.Module):
         running = [n for n in names if not self.records[n].merged]
         if is_flat(expr):
             return {key: running for key in existing.sites}
+        parallels = [node for node in expr.walk() if isinstance(node, Parallel)]
+        if len(parallels) > 1 or (parallels and _outer_split(expr) is not parallels[0]):
+            raise CompositionError(
+                f"{expr}: parallel() replicates the batch at the model's input, so there can be one, at the "
+                "top of the composition or inside stack()"
+            )
         for node in expr.walk():
             if isinstance(node, (Single, Stack)):
                 continue
@@ -542,28 +563,117 @@ class ModularModel(nn.Module):
         Raises:
             RuntimeError: no active module has a head (use `mm.model(...)` for the HF outputs).
         """
-        if self._head_name is None:
+        branches = self._branch_heads()
+        if branches is None and self._head_name is None:
             raise RuntimeError(
                 "no active module has a head; add one with head=..., or call mm.model(...) directly"
             )
-        built = self.container.head(self._head_name)
         # An encoder-decoder (T5) feeds the head from its encoder alone.
         is_seq2seq = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
         encoder: nn.Module = cast(Any, self.model).get_encoder() if is_seq2seq else self.view.base_model
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        copies = len(branches) if branches is not None and branches[0][0] is None else 1
+        if copies > 1:  # parallel(...): every row once per branch, branch i in block i
+            input_ids, attention_mask = _repeat(input_ids, copies), _repeat(attention_mask, copies)
+            kwargs = {k: _repeat(v, copies) for k, v in kwargs.items()}
         outputs = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs[0]  # (batch, seq, hidden)
-        # A head is kept in at least float32 (like the units); a half-precision base feeds it in its own
-        # dtype. A head without parameters (causal-lm) reuses the base's output layer, in the base dtype.
-        head_param = next(built.parameters(), None)
-        logits = built(hidden if head_param is None else hidden.to(head_param.dtype), attention_mask)
-        loss = head_loss(built.config.task, logits, labels) if labels is not None else None
+        logits: torch.Tensor | tuple[torch.Tensor, ...]
+        if branches is None:
+            assert self._head_name is not None
+            logits, loss = self._head(self._head_name, hidden, attention_mask, labels)
+        else:
+            logits, loss = self._branch_outputs(branches, hidden, attention_mask, labels)
         if loss is not None and self.model.training:
             extra = self.regularization()  # e.g. diff pruning's L0 penalty; training only, so that
             if extra is not None:  # evaluation losses stay comparable across methods
                 loss = loss + extra
         return ModularOutput(loss=loss, logits=logits, hidden_states=hidden)
+
+    def _head(
+        self, name: str, hidden: torch.Tensor, mask: torch.Tensor | None, labels: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        built = self.container.head(name)
+        # A head is kept in at least float32 (like the units); a half-precision base feeds it in its own
+        # dtype. A head without parameters (causal-lm) reuses the base's output layer, in the base dtype.
+        head_param = next(built.parameters(), None)
+        logits = built(hidden if head_param is None else hidden.to(head_param.dtype), mask)
+        loss = head_loss(built.config.task, logits, labels) if labels is not None else None
+        return logits, loss
+
+    def _branch_heads(self) -> list[tuple[int | None, str]] | None:
+        """For a `parallel(...)` or `batchsplit(...)` at the top of the active composition (or inside
+        stacks) whose branches have different heads: (block size or None for parallel, head) per
+        branch. None when one head serves every row."""
+        expr = self._composition
+        if expr is None:
+            return None
+        outer = _outer_split(expr)
+        if outer is None:
+            return None
+        heads = []
+        for child in outer.children:
+            names = child.names()
+            names += [f for node, f in self._fusions.items() if set(node.names()) <= set(names)]
+            with_heads = [n for n in names if self.records[n].head is not None]
+            if not with_heads:
+                raise ValueError(f"branch '{child}' of {outer} has no module with a head")
+            heads.append(with_heads[-1])
+        if isinstance(outer, BatchSplit):
+            if len(set(heads)) == 1:
+                return None
+            return list(zip(outer.sizes, heads, strict=True))
+        return [(None, h) for h in heads]
+
+    def _branch_outputs(
+        self,
+        branches: list[tuple[int | None, str]],
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        labels: Any,
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """Each branch's head on its block of rows; labels: one tensor per branch (or None), or, for
+        batchsplit, one tensor for the whole batch."""
+        n = len(branches)
+        rows = hidden.shape[0]
+        sizes = [size if size is not None else rows // n for size, _ in branches]
+        if isinstance(labels, torch.Tensor):
+            labels = list(torch.split(labels, sizes)) if branches[0][0] is not None else [labels] * n
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{n} branches but {len(labels)} label tensors")
+        logits, losses, start = [], [], 0
+        for i, (size, (_, head)) in enumerate(zip(sizes, branches, strict=True)):
+            block_mask = mask[start : start + size] if mask is not None else None
+            out, loss = self._head(
+                head, hidden[start : start + size], block_mask, labels[i] if labels else None
+            )
+            logits.append(out)
+            if loss is not None:
+                losses.append(loss * (size if branches[0][0] is not None else 1))
+            start += size
+        if not losses:
+            return tuple(logits), None
+        total = torch.stack(losses).sum()
+        # batchsplit: the mean over all rows (blocks weighted by size); parallel: the sum of the tasks' losses
+        return tuple(logits), total / rows if branches[0][0] is not None else total
+
+
+def _repeat(value: Any, copies: int) -> Any:
+    """A batch tensor repeated block-wise along the batch (rows 0..B-1, then again, ...)."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 1:
+        return value.repeat(copies, *([1] * (value.ndim - 1)))
+    return value
+
+
+def _outer_split(expr: Composition) -> Parallel | BatchSplit | None:
+    """The parallel/batchsplit reached from the top through stacks only, if any."""
+    if isinstance(expr, (Parallel, BatchSplit)):
+        return expr
+    if isinstance(expr, Stack):
+        found = [s for s in (_outer_split(c) for c in expr.children) if s is not None]
+        return found[0] if found else None
+    return None
 
 
 def _unit_dtype(base_dtype: torch.dtype) -> torch.dtype:
