@@ -37,10 +37,18 @@ class Composition:
     """Base of composition expressions."""
 
     op: ClassVar[str] = ""
+    # Operators with trained layers of their own (fuse: fusion layers) name the method of the module
+    # holding them, and the option that may name that module explicitly (fuse(a, b, fusion=f1)).
+    layers_method: ClassVar[str | None] = None
+    layers_option: ClassVar[str] = ""
 
     @property
     def children(self) -> tuple[Composition, ...]:
         return ()
+
+    def layers_name(self) -> str | None:
+        """The module named by `layers_option`, if the expression names one."""
+        return getattr(self, self.layers_option, None) if self.layers_option else None
 
     def names(self) -> list[str]:
         """Module names in application order (each once).
@@ -127,6 +135,8 @@ class Fuse(Composition):
     """
 
     op: ClassVar[str] = "fuse"
+    layers_method: ClassVar[str | None] = "fusion"
+    layers_option: ClassVar[str] = "fusion"
     items: tuple[Composition, ...]
     fusion: str | None = None
 
@@ -240,15 +250,32 @@ class BatchSplit(Composition):
         return {"sizes": list(self.sizes)}
 
 
-_OPERATORS: dict[str, type[Composition]] = {
-    cls.op: cls for cls in (Stack, Fuse, Average, Parallel, Split, BatchSplit)
-}
-_OPTIONS: dict[str, dict[str, str]] = {  # operator -> option -> kind ("int", "ints", "floats", "name")
-    "fuse": {"fusion": "name"},
-    "average": {"weights": "floats"},
-    "split": {"at": "int"},
-    "batchsplit": {"sizes": "ints"},
-}
+_OPERATORS: dict[str, type[Composition]] = {}
+_OPTIONS: dict[str, dict[str, str]] = {}  # operator -> option -> kind: int, ints, float, floats, name
+
+
+def register_operator(cls: type[Composition], options: dict[str, str] | None = None) -> type[Composition]:
+    """Make `cls` (a frozen dataclass with `op`, children as positional arguments and keyword options)
+    usable in the textual and JSON forms. `options`: option name -> kind ("int", "ints", "float",
+    "floats" or "name"). Its site evaluation is registered in `compose.plan.register_node`.
+
+    Raises:
+        ValueError: the operator name is taken by another class.
+    """
+    existing = _OPERATORS.get(cls.op)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"composition operator '{cls.op}' is already registered by {existing.__name__}")
+    _OPERATORS[cls.op] = cls
+    _OPTIONS[cls.op] = dict(options or {})
+    return cls
+
+
+register_operator(Stack)
+register_operator(Fuse, {"fusion": "name"})
+register_operator(Average, {"weights": "floats"})
+register_operator(Parallel)
+register_operator(Split, {"at": "int"})
+register_operator(BatchSplit, {"sizes": "ints"})
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z0-9_\-.]+)|(?P<sym>[(),=\[\]]))")
 
 

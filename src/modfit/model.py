@@ -30,7 +30,6 @@ from .composition import (
     BatchSplit,
     Composition,
     CompositionError,
-    Fuse,
     Parallel,
     Single,
     Stack,
@@ -39,6 +38,7 @@ from .composition import (
 from .config import ModuleConfig
 from .heads import Head, HeadConfig, build_head, head_loss
 from .registry import method_entry
+from .routing.context import RouteLike, as_route, current_route, repeated, routed
 from .sites import Site, Unit
 from .targets import ModelView
 
@@ -119,7 +119,8 @@ class ModularModel(nn.Module):
         self.view = ModelView(model)
         self.records: dict[str, ModuleRecord] = {}
         self._composition: Composition | None = None
-        self._fusions: dict[Fuse, str] = {}  # each fuse(...) of the active composition -> its fusion module
+        # each operator of the active composition with layers of its own (fuse) -> the module holding them
+        self._layers: dict[Composition, str] = {}
         self._head_name: str | None = None
         self._fingerprint: dict[str, Any] | None = None
 
@@ -291,9 +292,9 @@ class ModularModel(nn.Module):
                 raise CompositionError(f"composition '{expr}' names unknown module '{n}' (modules: {known})")
         if head is not None and self._record(head).head is None:  # checked before anything changes
             raise ValueError(f"module '{head}' has no head")
-        fusions = self._resolve_fusions(expr)
-        plans = self._plans(expr, fusions)  # raises for a nesting that cannot be meaningful
-        self._composition, self._fusions = expr, fusions
+        layers = self._resolve_layers(expr)
+        plans = self._plans(expr, layers)  # raises for a nesting that cannot be meaningful
+        self._composition, self._layers = expr, layers
         self._apply_plans(plans)
         if head is not None:
             self._head_name = head
@@ -301,40 +302,43 @@ class ModularModel(nn.Module):
             with_heads = [n for n in self.active_names() if self.records[n].head is not None]
             self._head_name = with_heads[-1] if with_heads else None
 
-    def _resolve_fusions(self, expr: Composition) -> dict[Fuse, str]:
-        """The fusion module serving each `fuse(...)` in `expr`: the one named by `fusion=`, else the
-        only fusion module on this model made for exactly those children."""
-        out: dict[Fuse, str] = {}
+    def _resolve_layers(self, expr: Composition) -> dict[Composition, str]:
+        """The module holding each operator's own layers (e.g. each fuse(...)'s fusion module): the one
+        named by its option (`fusion=`), else the only module of that method made for exactly those
+        children."""
+        out: dict[Composition, str] = {}
         for node in expr.walk():
-            if not isinstance(node, Fuse):
+            method = node.layers_method
+            if method is None:
                 continue
             children = tuple(str(c) for c in node.children)
-            if node.fusion is not None:
-                record = self._record(node.fusion)
-                if record.config.method != "fusion":
-                    raise CompositionError(f"{node}: module '{node.fusion}' is not a fusion module")
+            named = node.layers_name()
+            if named is not None:
+                record = self._record(named)
+                if record.config.method != method:
+                    raise CompositionError(f"{node}: module '{named}' is not a {method} module")
                 made_for = tuple(getattr(record.config, "children", ()))
                 if made_for != children:
                     raise CompositionError(
-                        f"{node}: fusion '{node.fusion}' was made for fuse({', '.join(made_for)})"
+                        f"{node}: {method} '{named}' was made for {node.op}({', '.join(made_for)})"
                     )
-                out[node] = node.fusion
+                out[node] = named
                 continue
             matches = [
                 r.name
                 for r in self.records.values()
-                if r.config.method == "fusion" and tuple(getattr(r.config, "children", ())) == children
+                if r.config.method == method and tuple(getattr(r.config, "children", ())) == children
             ]
             if not matches:
                 raise CompositionError(
-                    f"{node} has no fusion layers on this model: add them with "
-                    f"mm.add(NAME, modfit.config('fusion', children={list(children)})), or train one with "
-                    f"`modfit train --method fusion --compose '{node}'`"
+                    f"{node} has no {method} layers on this model: add them with "
+                    f"mm.add(NAME, modfit.config('{method}', children={list(children)})), or train them with "
+                    f"`modfit train --method {method} --compose '{node}'`"
                 )
             if len(matches) > 1:
                 raise CompositionError(
-                    f"{node}: several fusion modules fit ({', '.join(matches)}); name one with "
-                    f"fuse({', '.join(children)}, fusion=NAME)"
+                    f"{node}: several {method} modules fit ({', '.join(matches)}); name one with "
+                    f"{node.op}({', '.join(children)}, {node.layers_option}=NAME)"
                 )
             out[node] = matches[0]
         return out
@@ -344,19 +348,19 @@ class ModularModel(nn.Module):
         if self._composition is None:
             return []
         names = self._composition.names()
-        return names + [f for f in dict.fromkeys(self._fusions.values()) if f not in names]
+        return names + [f for f in dict.fromkeys(self._layers.values()) if f not in names]
 
     def deactivate(self) -> None:
         """No module active (merged modules stay in the weights)."""
         self._composition = None
-        self._fusions = {}
+        self._layers = {}
         self._head_name = None
         self._refresh_sites()
 
     def _refresh_sites(self) -> None:
-        self._apply_plans(self._plans(self._composition, self._fusions))
+        self._apply_plans(self._plans(self._composition, self._layers))
 
-    def _plans(self, expr: Composition | None, fusions: dict[Fuse, str]) -> dict[str, Any]:
+    def _plans(self, expr: Composition | None, layers: dict[Composition, str]) -> dict[str, Any]:
         """What every site runs under `expr`: the running module names (a plain stack), or compiled
         items and editors (a composition tree, `compose/plan.py`). Nothing changes here, so a
         composition that cannot be meaningful is refused before the model's state is touched."""
@@ -369,7 +373,7 @@ class ModularModel(nn.Module):
             return {}
         if expr is None:
             return {key: [] for key in existing.sites}
-        names = expr.names() + [f for f in dict.fromkeys(fusions.values()) if f not in expr.names()]
+        names = expr.names() + [f for f in dict.fromkeys(layers.values()) if f not in expr.names()]
         running = [n for n in names if not self.records[n].merged]
         if is_flat(expr):
             return {key: running for key in existing.sites}
@@ -392,7 +396,7 @@ class ModularModel(nn.Module):
         for key, site in existing.sites.items():
             site = cast(Site, site)
             units = {n: site.unit(n) for n in running if n in site.units}
-            plans[key] = compile_site(expr, units, fusions, site.path)
+            plans[key] = compile_site(expr, units, layers, site.path)
         return plans
 
     def _apply_plans(self, plans: dict[str, Any]) -> None:
@@ -549,12 +553,20 @@ class ModularModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        route: RouteLike | None = None,
+        task_ids: torch.Tensor | None = None,
+        language_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ModularOutput:
         """Run the base model with the active modules, then the active head.
 
         `token_type_ids` is named (not left to `**kwargs`) because the HF Trainer keeps only the
-        batch columns that `forward`'s signature names.
+        batch columns that `forward`'s signature names; so are the routing columns.
+
+        Args:
+            route: per-example routing for this call (see `modfit.routing`): module names (or None)
+                per row, or a mapping key -> (batch,) ids.
+            task_ids, language_ids: (batch,) ids, the same as route={"task": ..., "language": ...}.
 
         Returns:
             `ModularOutput(loss, logits, hidden_states)`; loss only when `labels` are given, in
@@ -574,10 +586,19 @@ class ModularModel(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         copies = len(branches) if branches is not None and branches[0][0] is None else 1
+        given = as_route(route)
+        for key, ids in (("task", task_ids), ("language", language_ids)):
+            if ids is not None:
+                given = {**(given or {}), key: ids}
         if copies > 1:  # parallel(...): every row once per branch, branch i in block i
             input_ids, attention_mask = _repeat(input_ids, copies), _repeat(attention_mask, copies)
             kwargs = {k: _repeat(v, copies) for k, v in kwargs.items()}
-        outputs = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            given = repeated(given if given is not None else current_route(), copies)
+        if given is not None:
+            with routed(given):
+                outputs = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        else:  # keep a route the caller set around this call, if any
+            outputs = encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = outputs[0]  # (batch, seq, hidden)
         logits: torch.Tensor | tuple[torch.Tensor, ...]
         if branches is None:
@@ -615,7 +636,7 @@ class ModularModel(nn.Module):
         heads = []
         for child in outer.children:
             names = child.names()
-            names += [f for node, f in self._fusions.items() if set(node.names()) <= set(names)]
+            names += [f for node, f in self._layers.items() if set(node.names()) <= set(names)]
             with_heads = [n for n in names if self.records[n].head is not None]
             if not with_heads:
                 raise ValueError(f"branch '{child}' of {outer} has no module with a head")

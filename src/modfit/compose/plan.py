@@ -36,6 +36,7 @@ from ..composition import (
     Split,
     Stack,
 )
+from ..routing.context import current_route, narrowed, routed
 from ..sites import SiteCall, Unit
 
 Item = Any  # a Unit or a Node: callables (h, call) -> h
@@ -144,7 +145,12 @@ class SplitNode(Node):
             if size == 0:
                 continue
             part = h.narrow(self.dim, start, size)
-            pieces.append(branch(part, _narrow_call(call, self.dim, start, size, length)))
+            sub_call = _narrow_call(call, self.dim, start, size, length)
+            if self.dim == 0:  # the branch's rows also carry their own routing information
+                with routed(narrowed(current_route(), start, size, length)):
+                    pieces.append(branch(part, sub_call))
+            else:
+                pieces.append(branch(part, sub_call))
             start += size
         return torch.cat(pieces, dim=self.dim)
 
@@ -175,10 +181,24 @@ def is_flat(expr: Composition) -> bool:
     return all(isinstance(e, (Single, Stack)) for e in expr.walk())
 
 
+NodeBuilder = Callable[[Any, list[Branch], Mapping[str, Unit], str | None, str], "Node | None"]
+_BUILDERS: dict[type[Composition], NodeBuilder] = {}
+
+
+def register_node(cls: type[Composition], builder: NodeBuilder) -> None:
+    """How operator `cls` runs at a site: `builder(expr, branches, units, layers, where) -> Node`.
+
+    `branches` are the compiled children (`Branch.empty` when none of a child's modules acts here),
+    `units` the units at this site by module name, `layers` the name of the module holding the
+    operator's own layers (see `Composition.layers_method`) or None, `where` the site's path.
+    """
+    _BUILDERS[cls] = builder
+
+
 def compile_site(
     expr: Composition,
     units: Mapping[str, Unit],
-    fusions: Mapping[Fuse, str],
+    layers: Mapping[Composition, str],
     where: str,
 ) -> tuple[list[Item], list[Unit]]:
     """The items and the top-level input editors of `expr` at one site.
@@ -186,35 +206,41 @@ def compile_site(
     Args:
         expr: the active composition (merged modules already checked by the caller).
         units: module name -> its unit at this site (modules absent here are left out).
-        fusions: each `Fuse` sub-expression -> the name of the fusion module serving it.
+        layers: each operator with layers of its own (fuse) -> the module holding them.
         where: the site's path, for messages.
 
     Raises:
         CompositionError: a nesting that cannot be meaningful here (the message says why).
     """
-    items = _sequence(expr, units, fusions, where)
+    items = _sequence(expr, units, layers, where)
     editors = [i for i in items if isinstance(i, Unit) and i.edits_input]
     return items, editors
 
 
 def _sequence(
-    expr: Composition, units: Mapping[str, Unit], fusions: Mapping[Fuse, str], where: str
+    expr: Composition, units: Mapping[str, Unit], layers: Mapping[Composition, str], where: str
 ) -> list[Item]:
     """Flatten stacks into items; units in stage order (stable), combining nodes as function items."""
     if isinstance(expr, Single):
         unit = units.get(expr.name)
         return sorted(unit.parts(), key=lambda u: u.stage) if unit is not None else []
     if isinstance(expr, Stack):
-        items = [i for child in expr.children for i in _sequence(child, units, fusions, where)]
+        items = [i for child in expr.children for i in _sequence(child, units, layers, where)]
         return sorted(items, key=lambda i: i.stage)
-    node = _node(expr, units, fusions, where)
+    builder = _BUILDERS.get(type(expr))
+    if builder is None:
+        raise CompositionError(f"no site evaluation registered for {expr.op}()")
+    branches = [_branch(c, units, layers, where, expr.op) for c in expr.children]
+    if all(b.empty for b in branches):
+        return []  # none of its modules acts at this site
+    node = builder(expr, branches, units, layers.get(expr), where)
     return [node] if node is not None else []
 
 
 def _branch(
-    expr: Composition, units: Mapping[str, Unit], fusions: Mapping[Fuse, str], where: str, op: str
+    expr: Composition, units: Mapping[str, Unit], layers: Mapping[Composition, str], where: str, op: str
 ) -> Branch:
-    items = _sequence(expr, units, fusions, where)
+    items = _sequence(expr, units, layers, where)
     for item in items:
         if isinstance(item, Unit) and item.whole_output:
             raise CompositionError(
@@ -227,27 +253,21 @@ def _branch(
     return Branch(items, editors)
 
 
-def _node(
-    expr: Composition, units: Mapping[str, Unit], fusions: Mapping[Fuse, str], where: str
-) -> Node | None:
-    branches = [_branch(c, units, fusions, where, expr.op) for c in expr.children]
-    if all(b.empty for b in branches):
-        return None  # none of its modules acts at this site
-    if isinstance(expr, Fuse):
-        fusion_name = fusions[expr]
-        fusion = units.get(fusion_name)
-        if fusion is None:
-            raise CompositionError(
-                f"fusion module '{fusion_name}' has no layer at {where}, where modules of {expr} act; "
-                "add the fusion again after adding all the modules it fuses"
-            )
-        return FuseNode(branches, fusion)
-    if isinstance(expr, Average):
-        return AverageNode(branches, expr.resolved_weights())
-    if isinstance(expr, Split):
-        return SplitNode(branches, dim=1, sizes=None, at=expr.at)
-    if isinstance(expr, BatchSplit):
-        return SplitNode(branches, dim=0, sizes=expr.sizes, at=None)
-    if isinstance(expr, Parallel):
-        return SplitNode(branches, dim=0, sizes=None, at=None)
-    raise CompositionError(f"no site evaluation for {type(expr).__name__}")
+def _fuse(
+    expr: Fuse, branches: list[Branch], units: Mapping[str, Unit], layers: str | None, where: str
+) -> Node:
+    assert layers is not None  # the model resolves every fuse(...) to its fusion module
+    fusion = units.get(layers)
+    if fusion is None:
+        raise CompositionError(
+            f"fusion module '{layers}' has no layer at {where}, where modules of {expr} act; "
+            "add the fusion again after adding all the modules it fuses"
+        )
+    return FuseNode(branches, fusion)
+
+
+register_node(Fuse, _fuse)
+register_node(Average, lambda expr, branches, *_: AverageNode(branches, expr.resolved_weights()))
+register_node(Split, lambda expr, branches, *_: SplitNode(branches, dim=1, sizes=None, at=expr.at))
+register_node(BatchSplit, lambda expr, branches, *_: SplitNode(branches, dim=0, sizes=expr.sizes, at=None))
+register_node(Parallel, lambda expr, branches, *_: SplitNode(branches, dim=0, sizes=None, at=None))
