@@ -616,12 +616,30 @@ class ModularModel(nn.Module):
         self, name: str, hidden: torch.Tensor, mask: torch.Tensor | None, labels: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         built = self.container.head(name)
+        if built.config.task in ("mlm", "causal-lm"):
+            hidden = self._invert(hidden)
         # A head is kept in at least float32 (like the units); a half-precision base feeds it in its own
         # dtype. A head without parameters (causal-lm) reuses the base's output layer, in the base dtype.
         head_param = next(built.parameters(), None)
         logits = built(hidden if head_param is None else hidden.to(head_param.dtype), mask)
         loss = head_loss(built.config.task, logits, labels) if labels is not None else None
         return logits, loss
+
+    def _invert(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Undo the running invertible units (`Unit.invert`, MAD-X's invertible adapters), last first,
+        so that a language-modelling head tied to the frozen embeddings sees the original space."""
+        is_seq2seq = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
+        inverses: list[Unit] = []
+        for name in self.active_names():
+            if self.records[name].merged:
+                continue
+            for path, unit in self.units(name):
+                if is_seq2seq and not path.startswith("encoder"):
+                    continue  # head mode reads the encoder of an encoder-decoder
+                inverses.extend(part for part in unit.parts() if hasattr(part, "invert"))
+        for part in reversed(inverses):
+            hidden = part.invert(hidden)  # type: ignore[operator]
+        return hidden
 
     def _branch_heads(self) -> list[tuple[int | None, str]] | None:
         """For a `parallel(...)` or `batchsplit(...)` at the top of the active composition (or inside
