@@ -30,8 +30,11 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Test processes: CI has 2 cores, and every test runs on one thread (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 unit: setup
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 test: lint typecheck unit
 
