@@ -140,9 +140,20 @@ class MaskedLmHead(Head):
         self.bias = nn.Parameter(torch.zeros(vocab))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.logits(hidden)
+
+    def logits(
+        self, hidden: torch.Tensor, extra_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """(batch, seq, vocab) scores; `extra_rows` (embeddings (n, width), bias (n,)) append the
+        pieces of a vocabulary extension after the base vocabulary (`methods/vocab.py`)."""
         x = self.norm(F.gelu(self.dense(hidden)))
         weight = cast(torch.Tensor, self._embeddings.module.weight)  # (vocab, width), frozen, tied to input
-        return F.linear(x, weight.to(x.dtype), self.bias)
+        bias: torch.Tensor = self.bias
+        if extra_rows:
+            weight = torch.cat([weight.to(x.dtype), *(rows.to(x.dtype) for rows, _ in extra_rows)])
+            bias = torch.cat([bias, *(b.to(bias.dtype) for _, b in extra_rows)])
+        return F.linear(x, weight.to(x.dtype), bias)
 
 
 class CausalLmHead(Head):

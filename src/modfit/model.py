@@ -36,7 +36,7 @@ from .composition import (
     as_composition,
 )
 from .config import ModuleConfig
-from .heads import Head, HeadConfig, build_head, head_loss
+from .heads import Head, HeadConfig, MaskedLmHead, build_head, head_loss
 from .registry import method_entry
 from .routing.context import RouteLike, as_route, current_route, repeated, routed
 from .sites import Site, Unit
@@ -621,22 +621,36 @@ class ModularModel(nn.Module):
         # A head is kept in at least float32 (like the units); a half-precision base feeds it in its own
         # dtype. A head without parameters (causal-lm) reuses the base's output layer, in the base dtype.
         head_param = next(built.parameters(), None)
-        logits = built(hidden if head_param is None else hidden.to(head_param.dtype), mask)
+        extra = self._decoder_rows() if isinstance(built, MaskedLmHead) else []
+        if extra:  # a vocabulary extension: the MLM head scores its new pieces too
+            assert head_param is not None
+            logits = cast(MaskedLmHead, built).logits(hidden.to(head_param.dtype), extra)
+        else:
+            logits = built(hidden if head_param is None else hidden.to(head_param.dtype), mask)
         loss = head_loss(built.config.task, logits, labels) if labels is not None else None
         return logits, loss
+
+    def _running_parts(self) -> list[tuple[str, Unit]]:
+        """(site path, unit) of every running unit (members of unions included), in module order."""
+        out: list[tuple[str, Unit]] = []
+        for name in self.active_names():
+            if not self.records[name].merged:
+                out.extend((path, part) for path, unit in self.units(name) for part in unit.parts())
+        return out
+
+    def _decoder_rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Extra decoder rows (embeddings, bias) of the running vocabulary extensions."""
+        return [part.decoder_rows() for _, part in self._running_parts() if hasattr(part, "decoder_rows")]  # type: ignore[operator]
 
     def _invert(self, hidden: torch.Tensor) -> torch.Tensor:
         """Undo the running invertible units (`Unit.invert`, MAD-X's invertible adapters), last first,
         so that a language-modelling head tied to the frozen embeddings sees the original space."""
         is_seq2seq = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
-        inverses: list[Unit] = []
-        for name in self.active_names():
-            if self.records[name].merged:
-                continue
-            for path, unit in self.units(name):
-                if is_seq2seq and not path.startswith("encoder"):
-                    continue  # head mode reads the encoder of an encoder-decoder
-                inverses.extend(part for part in unit.parts() if hasattr(part, "invert"))
+        inverses = [
+            part
+            for path, part in self._running_parts()
+            if hasattr(part, "invert") and not (is_seq2seq and not path.startswith("encoder"))
+        ]  # head mode reads the encoder of an encoder-decoder
         for part in reversed(inverses):
             hidden = part.invert(hidden)  # type: ignore[operator]
         return hidden

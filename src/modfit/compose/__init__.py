@@ -1,23 +1,36 @@
 """Combining modules. Merging (offline, in parameter space): `merge_modules`, `merge_into_model`,
-the formulas in `merging`, the Fisher in `fisher`, LoRA re-ranking in `svd`."""
+the formulas in `merging`, the Fisher in `fisher`, LoRA re-ranking in `svd`. Runtime composition:
+`plan` evaluates composition expressions at the sites.
+
+The names below load on first use: the merging tools import the model, which imports `plan`, so
+importing them eagerly here would be circular.
+"""
 
 from __future__ import annotations
 
-from .fisher import Fisher, FisherFileError, compute_fisher, read_fisher, save_fisher
-from .merge_modules import MergeResult, merge_into_model, merge_modules, module_deltas
-from .merging import MergeError, MergeSpec, merge_methods
+import importlib
+from typing import Any
 
-__all__ = [
-    "Fisher",
-    "FisherFileError",
-    "MergeError",
-    "MergeResult",
-    "MergeSpec",
-    "compute_fisher",
-    "merge_into_model",
-    "merge_methods",
-    "merge_modules",
-    "module_deltas",
-    "read_fisher",
-    "save_fisher",
-]
+_EXPORTS = {
+    "Fisher": "fisher",
+    "FisherFileError": "fisher",
+    "compute_fisher": "fisher",
+    "read_fisher": "fisher",
+    "save_fisher": "fisher",
+    "MergeResult": "merge_modules",
+    "merge_into_model": "merge_modules",
+    "merge_modules": "merge_modules",
+    "module_deltas": "merge_modules",
+    "MergeError": "merging",
+    "MergeSpec": "merging",
+    "merge_methods": "merging",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
