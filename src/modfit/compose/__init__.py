@@ -1,5 +1,5 @@
 """Combining modules. Merging (offline, in parameter space): `merge_modules`, `merge_into_model`,
-the formulas in `merging`, the Fisher in `fisher`, LoRA re-ranking in `svd`. Runtime composition:
+(`module_merge`), the formulas in `merging`, the Fisher in `fisher`, LoRA re-ranking in `svd`. Runtime composition:
 `plan` evaluates composition expressions at the sites.
 
 The names below load on first use: the merging tools import the model, which imports `plan`, so
@@ -17,10 +17,10 @@ _EXPORTS = {
     "compute_fisher": "fisher",
     "read_fisher": "fisher",
     "save_fisher": "fisher",
-    "MergeResult": "merge_modules",
-    "merge_into_model": "merge_modules",
-    "merge_modules": "merge_modules",
-    "module_deltas": "merge_modules",
+    "MergeResult": "module_merge",
+    "merge_into_model": "module_merge",
+    "merge_modules": "module_merge",
+    "module_deltas": "module_merge",
     "MergeError": "merging",
     "MergeSpec": "merging",
     "merge_methods": "merging",

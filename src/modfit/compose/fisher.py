@@ -114,7 +114,7 @@ def compute_fisher(
         KeyError: no such module. ValueError: no features, a merged module, labels missing for
             target="label", or no head and no output layer to score with.
     """
-    from .merge_modules import module_deltas  # merge_modules imports this module
+    from .module_merge import module_deltas  # module_merge imports this module
 
     record = mm._record(name)
     if record.merged:
