@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -118,7 +118,7 @@ def initialise_lexically(mm: ModularModel, name: str, tokenizer: Any) -> int:
     if vocab_config is None or not units:
         raise VocabularyError(f"module '{name}' has no vocabulary extension (method 'vocab')")
     (unit,) = units
-    table = mm.model.get_input_embeddings().weight  # (V, D), frozen
+    table = cast(Any, mm.model).get_input_embeddings().weight  # (V, D), frozen
     unk = tokenizer.unk_token_id
     done = 0
     for row, piece in enumerate(vocab_config.tokens):
