@@ -1,6 +1,6 @@
-"""Combining modules. Merging (offline, in parameter space): `merge_modules`, `merge_into_model`,
-(`module_merge`), the formulas in `merging`, the Fisher in `fisher`, LoRA re-ranking in `svd`. Runtime composition:
-`plan` evaluates composition expressions at the sites.
+"""Combining modules. Merging (offline, in parameter space): `merge_modules`, `merge_into_model`
+(`module_merge`), the formulas in `merging`, the Fisher in `fisher`, LoRA re-ranking in `svd`.
+Runtime composition: `plan` evaluates composition expressions at the sites.
 
 The names below load on first use: the merging tools import the model, which imports `plan`, so
 importing them eagerly here would be circular.
