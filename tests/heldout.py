@@ -71,3 +71,46 @@ def held_out_accuracy(
     )
     train(mm, method, features, collate_fn=collate_fn, settings=settings)
     return evaluate(mm, test_features, collate_fn=collate_fn, batch_size=64)["accuracy"]
+
+
+@functools.lru_cache(maxsize=4)
+def demo_split(task: str) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]], tuple[str, ...]]:
+    """`_data()` for any seq-cls file pair of the demo data: `demo_data/{task}_train.csv` and
+    `{task}_test.csv` (e.g. "sentiment", "topic"), the same fixed label-balanced subsets and lengths.
+
+    Returns:
+        (tokenizer, train features, test features, labels).
+    """
+    tokenizer = load_tokenizer("default")
+    train_examples = read_examples(demo_data_path(f"{task}_train.csv"), "seq-cls")
+    test_examples = read_examples(demo_data_path(f"{task}_test.csv"), "seq-cls")
+    labels = tuple(label_list(train_examples))
+    train_subset = train_examples[:: max(len(train_examples) // TRAIN_EXAMPLES, 1)][:TRAIN_EXAMPLES]
+    test_subset = test_examples[:: max(len(test_examples) // TEST_EXAMPLES, 1)][:TEST_EXAMPLES]
+    features = encode(train_subset, tokenizer, "seq-cls", labels=labels, max_length=MAX_LENGTH)
+    test_features = encode(test_subset, tokenizer, "seq-cls", labels=labels, max_length=MAX_LENGTH)
+    return tokenizer, features, test_features, labels
+
+
+def train_and_score(
+    mm: modfit.ModularModel,
+    name: str,
+    task: str,
+    *,
+    lr: float,
+    steps: int = 48,
+    seed: int = 0,
+) -> float:
+    """Train module `name` (already on `mm`, with its head, in the active composition) on the demo
+    `task` split as `held_out_accuracy` does; its held-out accuracy with the same composition."""
+    tokenizer, features, test_features, _labels = demo_split(task)
+
+    def collate_fn(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate(batch, tokenizer.pad_token_id)
+
+    torch.manual_seed(seed)
+    settings = TrainSettings(
+        steps=steps, lr=lr, batch_size=BATCH, seed=seed, warmup_ratio=0.1, progress=False
+    )
+    train(mm, name, features, collate_fn=collate_fn, settings=settings)
+    return evaluate(mm, test_features, collate_fn=collate_fn, batch_size=64)["accuracy"]

@@ -8,6 +8,9 @@
     mlm        input_ids, attention_mask                                        (masked by MlmCollator)
     causal-lm  input_ids, attention_mask, labels = input_ids                    (the model shifts them)
 
+Multi-task data (`encode(..., tasks=[...])`) adds ``task_ids: int`` (the example's task's index in
+`tasks`), which a collator turns into a (B,) tensor and `ModularModel.forward(task_ids=...)` routes.
+
 A collator pads a list of features on the right into (B, L) tensors: input_ids with the pad id,
 attention_mask with 0, labels with -100 (ignored by the loss). `word_ids` stay on the features
 (for `decode_token_predictions`) and never reach the model.
@@ -110,6 +113,7 @@ def encode(
     labels: Sequence[str] | None,
     max_length: int,
     keep_word_ids: bool = False,
+    tasks: Sequence[str] | None = None,
 ) -> list[Feature]:
     """Tokenize examples for `task` into unpadded features, truncated to `max_length` tokens.
 
@@ -123,6 +127,8 @@ def encode(
         max_length: the most tokens per feature, special tokens included.
         keep_word_ids: also store ``word_ids`` for seq-cls / mlm / causal-lm (token-cls always
             does); `MlmCollator` uses them for whole-word masking with any fast tokenizer.
+        tasks: task names in id order: each example's `task` becomes ``task_ids`` (its index).
+            None: examples' tasks are not encoded.
 
     Returns:
         One feature dict per example (see the module docstring); unlabeled examples get no
@@ -131,8 +137,44 @@ def encode(
     Raises:
         ValueError: unknown task, max_length < 1, wrong example type, duplicate labels, labeled
             examples with ``labels=None``, or a slow tokenizer where word ids are needed.
-        DataError: a label or tag not in `labels`; some examples with a text pair and some without.
+        DataError: a label or tag not in `labels`; some examples with a text pair and some without;
+            with `tasks`, an example without a task or with a task not in `tasks`.
     """
+    features = _encode(
+        examples, tokenizer, task, labels=labels, max_length=max_length, keep_word_ids=keep_word_ids
+    )
+    if tasks is not None:
+        task_ids = _task_ids(examples, tasks)
+        for feature, task_id in zip(features, task_ids, strict=True):
+            feature["task_ids"] = task_id
+    return features
+
+
+def _task_ids(examples: Sequence[TextExample] | Sequence[TokenExample], tasks: Sequence[str]) -> list[int]:
+    """Each example's task id (its index in `tasks`), or a DataError naming the example."""
+    index = {name: i for i, name in enumerate(tasks)}
+    items: Sequence[TextExample | TokenExample] = examples
+    ids = []
+    for i, ex in enumerate(items):
+        if ex.task is None:
+            raise DataError(None, None, f"example {i + 1} names no task (the tasks are {', '.join(tasks)})")
+        if ex.task not in index:
+            raise DataError(
+                None, None, f"example {i + 1}: task {ex.task!r} is not one of the tasks {', '.join(tasks)}"
+            )
+        ids.append(index[ex.task])
+    return ids
+
+
+def _encode(
+    examples: Sequence[TextExample] | Sequence[TokenExample],
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    *,
+    labels: Sequence[str] | None,
+    max_length: int,
+    keep_word_ids: bool,
+) -> list[Feature]:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if max_length < 1:

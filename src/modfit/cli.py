@@ -1,4 +1,5 @@
-"""The `modfit` command line: train, eval, predict, info, methods, count, demo.
+"""The `modfit` command line: train, eval, predict, info, methods, count, demo, merge, fisher,
+fusion-weights, routing-plot.
 
 Every subcommand that prints results takes `--json` for machine-readable output. Errors that come
 from the user's input (a bad file, an unknown method, a module trained on another base) print one
@@ -54,6 +55,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--text-column", help="text column of CSV/TSV/JSONL files (default: text or sentence)")
     p.add_argument("--label-column", help="label column of CSV/TSV/JSONL files (default: label)")
+    p.add_argument(
+        "--task-column",
+        metavar="NAME",
+        help="multi-task data: the CSV/TSV/JSONL column naming each example's task (batches carry task_ids)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)"
     )
-    p.add_argument("--train", required=True, metavar="FILE")
-    p.add_argument("--eval", metavar="FILE")
+    p.add_argument(
+        "--train",
+        required=True,
+        action="append",
+        metavar="FILE | TASK=FILE",
+        help="training data; repeat as TASK=FILE for one file per task (multi-task data)",
+    )
+    p.add_argument("--eval", action="append", metavar="FILE | TASK=FILE", help="held-out data (as --train)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the trained module")
     p.add_argument("--name", help="module name (default: the --out folder's name)")
     p.add_argument("--language", help="language code recorded on the module card")
@@ -98,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=f"{what} saved modules on a data file")
         _common_model_args(p)
         _data_args(p)
-        p.add_argument("--data", required=True, metavar="FILE")
+        p.add_argument(
+            "--data", required=True, metavar="FILE | TASK=FILE", help="the data (TASK=: all of one task)"
+        )
         if command == "predict":
             p.add_argument(
                 "--out", required=True, metavar="FILE", help="predictions (.jsonl, .csv, .tsv or .conll)"
@@ -167,6 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=_positive_int, default=128)
     p.add_argument("--out", metavar="DIR", help="folder for fisher.safetensors (default: the --load folder)")
     p.add_argument("--json", action="store_true")
+
+    # -- fusion weights (issue 4): `modfit fusion-weights` ---------------------------------------
+    p = sub.add_parser(
+        "fusion-weights",
+        help="average a fusion's softmax weights per layer over a data file; table and heatmap",
+    )
+    _common_model_args(p)
+    _data_args(p)
+    p.add_argument("--data", required=True, metavar="FILE", help="the texts (labels, if any, are ignored)")
+    p.add_argument(
+        "--fusion", metavar="NAME", help="the fusion module (default: the one the composition runs)"
+    )
+    p.add_argument("--plot", metavar="FILE.png", help="draw the heatmap (layers x modules); needs matplotlib")
+    p.add_argument("--json", action="store_true")
+
+    # -- routing (issue 5): `modfit routing-plot` ------------------------------------------------
+    p = sub.add_parser(
+        "routing-plot", help="draw a task-routed module's task x skill allocation (Polytropon) as a PNG"
+    )
+    p.add_argument("--base", default="default", help="the base model the module was trained on")
+    p.add_argument("--load", required=True, metavar="DIR", help="the module")
+    p.add_argument("--allow-other-weights", action="store_true")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="the heatmap; needs matplotlib")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -202,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars drown modfit's output
 
-    handler = getattr(commands, f"cmd_{args.command}")
+    handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
     try:
         result: Any = handler(args)
     except USER_ERRORS as e:

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +20,8 @@ from typing import Any
 from . import registry
 from .base import load_base, load_tokenizer, resolve_base
 from .batching import MlmCollator, collate, encode
-from .composition import as_composition
-from .data import DataError, TextExample, TokenExample, label_list, read_examples
+from .composition import Composition, Fuse, as_composition
+from .data import DataError, TextExample, TokenExample, label_list, read_examples, task_list, with_task
 from .heads import HeadConfig
 from .model import ModularModel, wrap
 from .persistence import read_card
@@ -99,6 +100,21 @@ def _activate(mm: ModularModel, names: list[str], compose: str | None, head: str
         mm.activate(names[0] if len(names) == 1 else f"stack({', '.join(names)})", head=head)
 
 
+def _activate_loaded(mm: ModularModel, names: list[str], compose: str | None) -> None:
+    """Activate for eval, predict and fusion-weights: `--compose`; without it the composition a loaded
+    module was trained in (its card's), when that runs exactly the loaded modules (e.g. fuse(a, b)
+    with the fusion module of a, b and its layers); else the loaded modules stacked in order."""
+    if not compose:
+        for name in reversed(names):
+            recorded = mm.records[name].card.get("composition")
+            if not recorded or not set(as_composition(recorded).names()) <= set(names):
+                continue
+            mm.activate(recorded)
+            if set(mm.active_names()) == set(names):
+                return
+    _activate(mm, names, compose)
+
+
 def _read(args: argparse.Namespace, path: str, task: str, require_labels: bool = True) -> list[Any]:
     return read_examples(
         path,
@@ -107,7 +123,107 @@ def _read(args: argparse.Namespace, path: str, task: str, require_labels: bool =
         text_column=args.text_column,
         label_column=args.label_column,
         require_labels=require_labels,
+        task_column=getattr(args, "task_column", None),
     )
+
+
+# -- multi-task data: `--task-column NAME`, or one file per task `--train TASK=FILE` ----------------
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+def _sources(values: Sequence[str], flag: str) -> list[tuple[str | None, str]]:
+    """(task or None, path) of each `FILE` or `TASK=FILE` given to `flag` (an existing file whose
+    name holds "=" stays a plain FILE).
+
+    Raises:
+        ValueError: a mix of FILE and TASK=FILE, a task named twice, or TASK= without a file.
+    """
+    out: list[tuple[str | None, str]] = []
+    for value in values:
+        task, sep, path = value.partition("=")
+        if sep and _TASK_NAME.fullmatch(task) and not Path(value).exists():
+            if not path:
+                raise ValueError(f"{flag} {value!r}: no file after '=' (expected TASK=FILE)")
+            out.append((task, path))
+        else:
+            out.append((None, value))
+    named = [task for task, _ in out if task is not None]
+    if named and len(named) != len(out):
+        raise ValueError(f"{flag}: give every file as TASK=FILE (one file per task), or none")
+    twice = sorted({t for t in named if named.count(t) > 1})
+    if twice:
+        raise ValueError(f"{flag}: task {twice[0]!r} is given more than one file")
+    return out
+
+
+Groups = list[tuple[str, list[Any]]]  # (path, examples) per data file
+
+
+def _read_groups(
+    args: argparse.Namespace, values: Sequence[str], flag: str, task: str, require_labels: bool = True
+) -> tuple[Groups, list[str]]:
+    """(path, examples) per file of `flag`, each example naming its task (TASK=FILE or --task-column),
+    and the data's tasks: the TASK names in the order given, else the task column's values, sorted."""
+    sources = _sources(values, flag)
+    if sources[0][0] is not None and getattr(args, "task_column", None):
+        raise ValueError(f"give the tasks with --task-column or as {flag} TASK=FILE, not both")
+    groups: Groups = []
+    for name, path in sources:
+        examples = _read(args, path, task, require_labels)
+        groups.append((path, with_task(examples, name) if name is not None else examples))
+    named = [name for name, _ in sources if name is not None]
+    return groups, named or task_list([ex for _, examples in groups for ex in examples])
+
+
+def _config_tasks(config: Any, data_tasks: list[str], method: str) -> tuple[Any, list[str] | None]:
+    """The config with its task list (a `tasks` field, e.g. poly's) filled from the data when empty, and
+    the task names in id order for the batches' `task_ids` (None: the batches carry none).
+
+    Raises:
+        ValueError: the config names several tasks but the data names none.
+    """
+    if "tasks" not in {f.name for f in dataclasses.fields(config)}:
+        return config, data_tasks or None  # ids for a composition that reads them; harmless otherwise
+    declared = list(config.tasks)
+    if not declared:
+        return (config.replace(tasks=tuple(data_tasks)), data_tasks) if data_tasks else (config, None)
+    if not data_tasks:
+        if len(declared) > 1:
+            raise ValueError(
+                f"--method {method} has tasks ({', '.join(declared)}): name each example's task with "
+                "--task-column NAME, or give one file per task as --train TASK=FILE"
+            )
+        return config, None
+    return config, declared
+
+
+def _model_tasks(
+    mm: ModularModel, examples: list[Any], flag: str, names: list[str] | None = None
+) -> list[str] | None:
+    """Task names in id order for data run through modules `names` (default: the active ones): the
+    `tasks` of the first that has some (None: the data's tasks are not needed).
+
+    Raises:
+        ValueError: a module has several tasks but the data names none.
+    """
+    for name in mm.active_names() if names is None else names:
+        declared = list(getattr(mm.records[name].config, "tasks", None) or ())
+        if not declared:
+            continue
+        if any(ex.task is not None for ex in examples):
+            return declared
+        if len(declared) > 1:
+            raise ValueError(
+                f"module '{name}' has tasks ({', '.join(declared)}): name each example's task with "
+                f"--task-column NAME, or give the file as {flag} TASK=FILE"
+            )
+    return None
+
+
+def _encode_groups(groups: Groups, tokenizer: Any, task: str, **options: Any) -> list[Any]:
+    """`_encode` per file (so errors name the file), concatenated."""
+    return [f for path, examples in groups for f in _encode(path, examples, tokenizer, task, **options)]
 
 
 def _encode(path: str, examples: list[Any], tokenizer: Any, task: str, **options: Any) -> list[Any]:
@@ -127,38 +243,47 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from .train import TrainSettings, evaluate, train
 
     task = args.task
-    config = registry.config(args.method, **_params(args.param))
     name = args.name or Path(args.out).name
+    config = registry.config(args.method, **_children_from_compose(args, _params(args.param), name))
     _check_out(args)
-    if args.compose and name not in as_composition(args.compose).names():
-        raise ValueError(f"--compose {args.compose!r} must include the module being trained, '{name}'")
-    train_examples = _read(args, args.train, task)
-    eval_examples = _read(args, args.eval, task) if args.eval else None
+    # A module that combines others (fusion layers) runs in the composition it was made for.
+    made_for = getattr(config, "composition", None)
+    compose = args.compose or (made_for() if callable(made_for) else None)
+    if compose and not _runs_in(as_composition(compose), name, config):
+        serves = f" ({made_for()})" if callable(made_for) else ""
+        raise ValueError(f"--compose {compose!r} must include the module being trained, '{name}'{serves}")
+    train_groups, data_tasks = _read_groups(args, args.train, "--train", task)
+    eval_groups = _read_groups(args, args.eval, "--eval", task)[0] if args.eval else []
+    train_examples = [ex for _, examples in train_groups for ex in examples]
+    # Multi-task data: one head over the union of the tasks' labels, shared by every task (see README).
     labels = tuple(label_list(train_examples)) if task not in LM_TASKS else ()
     head = HeadConfig(task=task, labels=labels)
+    config, tasks = _config_tasks(config, data_tasks, args.method)
 
     tokenizer = _tokenizer(args.base)
     mm = wrap(_base_model(args.base, task))
     loaded = _load_modules(mm, args)
     mm.add(name, config, head, task=task, language=args.language)
-    _activate(mm, [*loaded, name], args.compose, head=name)  # the new module's head, wherever it stands
+    _activate(mm, [*loaded, name], compose, head=name)  # the new module's head, wherever it stands
     active = mm.active
     assert active is not None  # the new module is always among the names
     if len(active.names()) > 1:  # the card records what a module was trained on top of (None: alone)
         mm.records[name].card["composition"] = str(active)
 
-    features = _encode(args.train, train_examples, tokenizer, task, labels=labels, max_length=args.max_length)
+    features = _encode_groups(
+        train_groups, tokenizer, task, labels=labels, max_length=args.max_length, tasks=tasks
+    )
     eval_features = (
-        _encode(
-            args.eval,
-            eval_examples,
+        _encode_groups(
+            eval_groups,
             tokenizer,
             task,
             labels=labels,
             max_length=args.max_length,
             keep_word_ids=True,
+            tasks=tasks,
         )
-        if eval_examples
+        if eval_groups
         else None
     )
     default_lr = 5e-4 if task == "mlm" else 1e-3
@@ -203,6 +328,53 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "resumed_from": result.resumed_from,
         "metrics": metrics,
     }
+
+
+def _children_from_compose(args: argparse.Namespace, params: dict[str, Any], name: str) -> dict[str, Any]:
+    """`params`, with `children` taken from the one fuse(...) of --compose when the method's config
+    combines other modules (it has a field `children`, e.g. fusion layers) and --param names none.
+
+    A `fuse(..., fusion=NAME)` naming another module is served by that one, not by the new module.
+    """
+    fields = {f.name for f in dataclasses.fields(registry.method_entry(args.method).config_class)}
+    if "children" not in fields or "children" in params:
+        return params
+    if not args.compose:
+        raise ValueError(
+            f"--method {args.method} combines other modules: name them with --compose, e.g. "
+            "--compose 'fuse(a, b)' (loading a and b with --load), or with --param children=a,b"
+        )
+    fuses = [
+        node
+        for node in as_composition(args.compose).walk()
+        if isinstance(node, Fuse) and node.fusion in (None, name)
+    ]
+    if not fuses:
+        raise ValueError(
+            f"--method {args.method}: --compose {args.compose!r} has no fuse(...) for '{name}' to serve; "
+            "e.g. --compose 'fuse(a, b)'"
+        )
+    if len(fuses) > 1:
+        raise ValueError(
+            f"--method {args.method}: --compose {args.compose!r} has {len(fuses)} fuse(...); mark the one "
+            f"'{name}' serves with fuse(..., fusion={name}), or name its modules with --param children=..."
+        )
+    return {**params, "children": [str(child) for child in fuses[0].children]}
+
+
+def _runs_in(expr: Composition, name: str, config: Any) -> bool:
+    """Whether `expr` runs module `name`: it names it, or (fusion layers) holds the fuse(...) the
+    config was made for, not given to another fusion module with `fusion=`."""
+    if name in expr.names():
+        return True
+    made_for = getattr(config, "composition", None)
+    if not callable(made_for):
+        return False
+    target = as_composition(made_for())
+    return any(
+        isinstance(node, Fuse) and node.children == target.children and node.fusion in (None, name)
+        for node in expr.walk()
+    )
 
 
 def _checkpoint_dir(args: argparse.Namespace) -> Path:
@@ -252,7 +424,7 @@ def _setup_loaded(args: argparse.Namespace) -> tuple[ModularModel, Any, HeadConf
         raise ValueError("none of the --load modules has a task head; nothing to evaluate or predict with")
     mm = wrap(_base_model(args.base, tasks[-1]))
     names = _load_modules(mm, args)
-    _activate(mm, names, args.compose)
+    _activate_loaded(mm, names, args.compose)
     if mm.head_name is None:
         raise ValueError(f"no module in the composition {mm.active} has a task head")
     head = mm.records[mm.head_name].head
@@ -264,15 +436,15 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .train import evaluate
 
     mm, tokenizer, head = _setup_loaded(args)
-    examples = _read(args, args.data, head.task)
-    features = _encode(
-        args.data,
-        examples,
+    groups, _ = _read_groups(args, [args.data], "--data", head.task)
+    features = _encode_groups(
+        groups,
         tokenizer,
         head.task,
         labels=head.labels or None,
         max_length=args.max_length,
         keep_word_ids=True,
+        tasks=_model_tasks(mm, groups[0][1], "--data"),
     )
     metrics = evaluate(mm, features, collate_fn=_collate_fn(head.task, tokenizer), batch_size=args.batch_size)
     _say(
@@ -294,9 +466,17 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     if Path(args.out).suffix.lower() not in suffixes:
         raise ValueError(f"--out {args.out}: {head.task} predictions are written as {', '.join(suffixes)}")
     # Gold labels in the file (if any) play no part: drop them, so unknown ones are no error either.
-    examples: list[Any] = [_unlabeled(ex) for ex in _read(args, args.data, head.task, require_labels=False)]
-    features = encode(
-        examples, tokenizer, head.task, labels=None, max_length=args.max_length, keep_word_ids=True
+    groups, _ = _read_groups(args, [args.data], "--data", head.task, require_labels=False)
+    examples: list[Any] = [_unlabeled(ex) for ex in groups[0][1]]
+    features = _encode(
+        groups[0][0],
+        examples,
+        tokenizer,
+        head.task,
+        labels=None,
+        max_length=args.max_length,
+        keep_word_ids=True,
+        tasks=_model_tasks(mm, examples, "--data"),
     )
     predictions = predict(
         mm, features, collate_fn=_collate_fn(head.task, tokenizer), batch_size=args.batch_size
@@ -512,7 +692,15 @@ def cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
     if args.target == "sample" and task == "token-cls" and not labelled:
         examples = [_unlabeled(ex) for ex in examples]  # without tags every real token is a prediction
     labels = head.labels if head is not None and head.labels else None
-    features = _encode(args.data, examples, tokenizer, task, labels=labels, max_length=args.max_length)
+    features = _encode(
+        args.data,
+        examples,
+        tokenizer,
+        task,
+        labels=labels,
+        max_length=args.max_length,
+        tasks=_model_tasks(mm, examples, "--data", [name]),
+    )
     collate_fn = _collate_fn(task, tokenizer, args.seed)
     _say(args, f"computing the Fisher of '{name}' on {len(features)} examples (target: {args.target})")
     fisher = compute_fisher(
@@ -535,3 +723,99 @@ def cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
         "target": args.target,
         "parts": {part: len(fisher.part(part)) for part in ("units", "deltas", "base")},
     }
+
+
+# -- fusion-weights (issue 4: what a fusion attends to) ----------------------------------------
+
+
+def cmd_fusion_weights(args: argparse.Namespace) -> dict[str, Any]:
+    from .compose.fusion_weights import as_json, format_table, fusion_weights, plot_fusion_weights
+
+    if not args.load:
+        raise ValueError(
+            "name the fusion module and the modules it fuses with --load DIR (fused modules first)"
+        )
+    if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
+        raise ValueError(f"--plot {args.plot}: the heatmap is written as a .png file")
+    cards = [read_card(d) for d in args.load]
+    tasks = [c["head"]["task"] for c in cards if c.get("head")]
+    task = tasks[-1] if tasks else None
+    mm = wrap(_base_model(args.base, task))
+    names = _load_modules(mm, args)
+    _activate_loaded(mm, names, args.compose)
+    fusion = _pick_fusion(mm, args.fusion)
+    tokenizer = _tokenizer(args.base)
+    # Only the text matters: read it as the head's task reads it (labels, if any, play no part).
+    reader_task = task if task in PREDICTION_SUFFIXES else "mlm"
+    examples: list[Any] = [_unlabeled(ex) for ex in _read(args, args.data, reader_task, require_labels=False)]
+    features = encode(examples, tokenizer, reader_task, labels=None, max_length=args.max_length)
+    collate_fn = _collate_fn("seq-cls", tokenizer)  # plain padding (no MLM masking)
+    batches = (
+        collate_fn(features[i : i + args.batch_size]) for i in range(0, len(features), args.batch_size)
+    )
+    result = fusion_weights(mm, fusion, batches)
+    out: dict[str, Any] = {
+        "fusion": fusion,
+        "composition": str(mm.active),
+        "data": args.data,
+        "examples": len(features),
+        **as_json(result),
+        "plot": None,
+    }
+    _say(
+        args,
+        f"fusion '{fusion}' in {mm.active}: mean softmax weights over {result.tokens:,} tokens of "
+        f"{args.data} ({len(features)} examples); rows: layers (several sites in one layer averaged)",
+        format_table(result),
+    )
+    if args.plot is not None:
+        out["plot"] = str(plot_fusion_weights(result, args.plot, title=f"{fusion}: {mm.active}"))
+        _say(args, f"saved {args.plot}")
+    return out
+
+
+def _pick_fusion(mm: ModularModel, wanted: str | None) -> str:
+    """The fusion module whose weights are read: `--fusion`, else the only one the composition runs."""
+    running = [n for n in mm.active_names() if mm.records[n].config.method == "fusion"]
+    if wanted is not None:
+        if wanted not in mm.records:
+            raise ValueError(f"--fusion {wanted}: no such loaded module (loaded: {', '.join(mm.records)})")
+        if wanted not in running:
+            raise ValueError(
+                f"--fusion {wanted}: not a fusion module the composition {mm.active} runs "
+                f"(fusion modules running: {', '.join(running) or 'none'})"
+            )
+        return wanted
+    if not running:
+        raise ValueError(
+            f"the composition {mm.active} runs no fusion module: load one (after the modules it fuses) "
+            "and compose with fuse(...)"
+        )
+    if len(running) > 1:
+        raise ValueError(
+            f"the composition runs several fusion modules ({', '.join(running)}): pick one with --fusion"
+        )
+    return running[0]
+
+
+# -- routing-plot (issue 5: Polytropon's task x skill allocation) ------------------------------------
+
+
+def cmd_routing_plot(args: argparse.Namespace) -> dict[str, Any]:
+    from .routing.plot import module_allocation, plot_allocation
+
+    if Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out}: the allocation is drawn as a .png file")
+    card = read_card(args.load)
+    task = (card.get("head") or {}).get("task")
+    mm = wrap(_base_model(args.base, task))
+    name = mm.load(args.load, check_base=not args.allow_other_weights)
+    allocation = module_allocation(mm, name)
+    plot_allocation(allocation, args.out, title=f"{name}: task x skill allocation")
+    _say(
+        args,
+        f"'{name}' ({card['method']}): {len(allocation.tasks)} tasks x {allocation.skills} skills"
+        + (f" x {allocation.heads} heads" if allocation.heads > 1 else ""),
+        f"saved {args.out}",
+    )
+    return {"module": name, "out": str(args.out), **allocation.as_json()}

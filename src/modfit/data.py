@@ -14,11 +14,16 @@ Formats, picked from `fmt=` or the file extension::
 Every problem in a file is a `DataError` whose message reads ``{path}:{line}: {what}`` (1-based
 line; ``{path}: {what}`` when the problem is not on one line). Labels stay strings ("0", "pos",
 "B-PER"); mapping them to ids needs an explicit label list (see `label_list`).
+
+Multi-task data: an example may name its task, from a column/key (`task_column=`, CSV/TSV/JSONL) or
+from the file it came from (`with_task`, for one file per task); `task_list` gives the task names and
+`batching.encode(..., tasks=...)` turns them into the batch's `task_ids`.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -26,7 +31,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 TASKS = ("seq-cls", "token-cls", "mlm", "causal-lm")
 FORMATS = ("csv", "tsv", "jsonl", "conll", "text")
@@ -90,6 +95,7 @@ class TextExample:
     text: str
     text_pair: str | None = None
     label: str | None = None
+    task: str | None = None  # the task the example belongs to (multi-task data), if named
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class TokenExample:
 
     tokens: tuple[str, ...]
     tags: tuple[str, ...] | None = None
+    task: str | None = None  # the task the example belongs to (multi-task data), if named
 
 
 # --------------------------------------------------------------------------- helpers
@@ -194,6 +201,7 @@ def read_csv(
     label_column: str | None = None,
     read_labels: bool = True,
     require_labels: bool = True,
+    task_column: str | None = None,
 ) -> list[TextExample]:
     """Read a CSV/TSV file with a header row into text examples.
 
@@ -208,13 +216,14 @@ def read_csv(
         label_column: name of the label column (default ``label``).
         read_labels: read the label column at all (False for mlm / causal-lm).
         require_labels: every row must have a non-empty label.
+        task_column: name of a column holding each row's task (multi-task data); None: no task.
 
     Returns:
         One `TextExample` per data row, in file order.
 
     Raises:
         DataError: empty file, header only, duplicate or missing columns, a row with the wrong
-            number of fields, malformed quoting, empty text, or a missing label.
+            number of fields, malformed quoting, empty text, a missing label or an empty task.
     """
     rows = _csv_rows(path, delimiter)
     first = next(rows, None)
@@ -234,6 +243,8 @@ def read_csv(
     if read_labels and require_labels and label_col is None:
         what = _missing("label", "column", label_column, _LABEL_KEYS, columns)
         raise DataError(path, header_line, f"{what} (pass label_column=, or require_labels=False)")
+    if task_column is not None and task_column not in columns:
+        raise DataError(path, header_line, _missing("task", "column", task_column, (), columns))
 
     index = {c: i for i, c in enumerate(columns)}
     examples = []
@@ -254,7 +265,12 @@ def read_csv(
             label = row[index[label_col]].strip() or None
             if label is None and require_labels:
                 raise DataError(path, line, f"empty label in column {label_col!r}")
-        examples.append(TextExample(text, pair, label))
+        example_task = None
+        if task_column is not None:
+            example_task = row[index[task_column]].strip()
+            if not example_task:
+                raise DataError(path, line, f"empty task in column {task_column!r}")
+        examples.append(TextExample(text, pair, label, example_task))
     if not examples:
         raise DataError(path, None, "no examples: the file has a header row only")
     return examples
@@ -349,6 +365,7 @@ def read_jsonl(
     text_column: str | None = None,
     label_column: str | None = None,
     require_labels: bool = True,
+    task_column: str | None = None,
 ) -> list[TextExample] | list[TokenExample]:
     """Read a JSON Lines file: one object per line, blank lines skipped.
 
@@ -363,6 +380,7 @@ def read_jsonl(
         text_column: key of the text (token-cls: of the tokens), default the standard names.
         label_column: key of the label (token-cls: of the tags), default the standard names.
         require_labels: every object of a labeled task must carry its label or tags.
+        task_column: key holding each object's task (multi-task data); None: no task.
 
     Returns:
         `TokenExample`s for token-cls, `TextExample`s otherwise, in file order.
@@ -374,16 +392,27 @@ def read_jsonl(
     examples: list[Any] = []
     for line, obj in _jsonl_objects(path):
         try:
+            example: TextExample | TokenExample
             if task == "token-cls":
-                examples.append(_token_example(obj, text_column, label_column, require_labels))
+                example = _token_example(obj, text_column, label_column, require_labels)
             else:
                 read_labels = task in LABELED_TASKS
-                examples.append(_text_example(obj, text_column, label_column, read_labels, require_labels))
+                example = _text_example(obj, text_column, label_column, read_labels, require_labels)
+            if task_column is not None:
+                example = dataclasses.replace(example, task=_task_value(obj, task_column))
+            examples.append(example)
         except ValueError as e:
             raise DataError(path, line, str(e)) from None
     if not examples:
         raise DataError(path, None, "no examples: the file is empty")
     return examples
+
+
+def _task_value(obj: dict[str, Any], key: str) -> str:
+    """An object's task name: a non-empty string (or an integer, as its decimal string)."""
+    if key not in obj or obj[key] is None:
+        raise ValueError(_missing("task", "key", key, (), list(obj)))
+    return _label_value(obj[key], key, spaces_ok=True)
 
 
 # --------------------------------------------------------------------------- CoNLL
@@ -492,6 +521,7 @@ def read_examples(
     text_column: str | None = None,
     label_column: str | None = None,
     require_labels: bool = True,
+    task_column: str | None = None,
 ) -> list[TextExample] | list[TokenExample]:
     """Read a data file for `task`, choosing the reader from `fmt` or the extension.
 
@@ -503,6 +533,7 @@ def read_examples(
         label_column: CSV/TSV column or JSONL key holding the label (token-cls JSONL: the tags).
         require_labels: for seq-cls / token-cls, every example must be labeled; pass False to read
             unlabeled data (prediction). mlm / causal-lm never read labels.
+        task_column: CSV/TSV column or JSONL key holding each example's task (multi-task data).
 
     Returns:
         `TokenExample`s for token-cls, `TextExample`s for the other tasks.
@@ -532,6 +563,8 @@ def read_examples(
         )
     if fmt in ("conll", "text") and (text_column is not None or label_column is not None):
         raise ValueError(f"text_column= and label_column= apply to csv, tsv and jsonl, not {fmt}")
+    if fmt in ("conll", "text") and task_column is not None:
+        raise ValueError(f"task_column= applies to csv, tsv and jsonl, not {fmt}; give one file per task")
 
     need = require_labels and task in LABELED_TASKS
     if fmt in ("csv", "tsv"):
@@ -542,9 +575,17 @@ def read_examples(
             label_column=label_column,
             read_labels=task in LABELED_TASKS,
             require_labels=need,
+            task_column=task_column,
         )
     if fmt == "jsonl":
-        return read_jsonl(path, task, text_column=text_column, label_column=label_column, require_labels=need)
+        return read_jsonl(
+            path,
+            task,
+            text_column=text_column,
+            label_column=label_column,
+            require_labels=need,
+            task_column=task_column,
+        )
     if fmt == "conll":
         return read_conll(path, require_labels=need)
     return read_text(path)
@@ -573,3 +614,25 @@ def label_list(examples: Sequence[TextExample] | Sequence[TokenExample]) -> list
     if all(_INT.fullmatch(label) for label in found):
         return sorted(found, key=int)
     return sorted(found)
+
+
+def task_list(examples: Sequence[TextExample] | Sequence[TokenExample]) -> list[str]:
+    """The sorted set of task names the examples carry (as `label_list` sorts); [] when none has one."""
+    found = {ex.task for ex in examples if ex.task is not None}
+    if all(_INT.fullmatch(name) for name in found):
+        return sorted(found, key=int)
+    return sorted(found)
+
+
+_E = TypeVar("_E", TextExample, TokenExample)
+
+
+def with_task(examples: Sequence[_E], task: str) -> list[_E]:
+    """The examples of one task's file, each naming `task`.
+
+    Raises:
+        ValueError: an empty task name.
+    """
+    if not task.strip():
+        raise ValueError("a task name must not be empty")
+    return [dataclasses.replace(ex, task=task) for ex in examples]

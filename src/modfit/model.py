@@ -485,6 +485,24 @@ class ModularModel(nn.Module):
                     total = term if total is None else total + term
         return total
 
+    def unit_metrics(self) -> dict[str, float]:
+        """What the running units observed since the last call (`Unit.metrics()`, e.g. a router's
+        routing entropy and per-module usage), as "<module>.<metric>", each averaged over the module's
+        sites that report it. Reading starts the units' counts over; {} when no unit reports anything.
+        """
+        if self._composition is None:
+            return {}
+        out: dict[str, float] = {}
+        for name in self.active_names():
+            if self.records[name].merged:
+                continue
+            sums: dict[str, list[float]] = {}
+            for _, unit in self.units(name):
+                for key, value in unit.metrics().items():
+                    sums.setdefault(key, []).append(value)
+            out.update({f"{name}.{key}": sum(values) / len(values) for key, values in sums.items()})
+        return out
+
     # -- merging -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -590,6 +608,9 @@ class ModularModel(nn.Module):
         for key, ids in (("task", task_ids), ("language", language_ids)):
             if ids is not None:
                 given = {**(given or {}), key: ids}
+        if attention_mask is not None:  # lets routers pool over each example's real tokens (routing/moe.py)
+            outer = given if given is not None else current_route() or {}
+            given = {"attention_mask": attention_mask, **outer}
         if copies > 1:  # parallel(...): every row once per branch, branch i in block i
             input_ids, attention_mask = _repeat(input_ids, copies), _repeat(attention_mask, copies)
             kwargs = {k: _repeat(v, copies) for k, v in kwargs.items()}

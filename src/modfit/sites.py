@@ -118,6 +118,15 @@ class Unit(nn.Module):
         """
         return None
 
+    def metrics(self) -> dict[str, float]:
+        """Scalars this unit observed since the last call (e.g. a router's entropy and usage), then
+        starts over; {} (the default) when it reports nothing.
+
+        `ModularModel.unit_metrics()` collects them per module (averaged over its sites) and the
+        training loop averages them over each logging interval into the history and progress bar.
+        """
+        return {}
+
     def parts(self) -> list[Unit]:
         """The units a site runs in place of this one: itself. A union of methods (several methods in
         one module, `methods/union.py`) returns its members, so that the site orders every member by

@@ -185,6 +185,8 @@ class TrainResult:
     Attributes:
         history: one dict per logged step: step, epoch, loss (mean since the previous entry), lr,
             and eval_<metric> when an evaluation ran at that step. Includes a resumed run's past.
+            Also the units' own scalars (`ModularModel.unit_metrics()`, e.g. `router.entropy`,
+            `router.usage.a`), averaged over the steps since the previous entry.
         metrics: the last evaluation's metrics ({} without eval_features or when stopped early).
         resumed_from: the checkpoint step this run continued from, or None.
         step: the last step done; total_steps: the steps of the full run.
@@ -351,6 +353,7 @@ class _Run:
         )
         metrics: dict[str, float] = {}
         losses: list[float] = []
+        observed: dict[str, list[float]] = {}  # units' own scalars (a router's entropy, usage) per step
         stopped = False
         try:
             mm.train()
@@ -359,6 +362,8 @@ class _Run:
                 loss = self._step()
                 self.step += 1
                 losses.append(loss)
+                for key, value in mm.unit_metrics().items():
+                    observed.setdefault(key, []).append(value)
                 bar.update(1)
                 epoch_done = (self.step * s.batch_size) // self.n > ((self.step - 1) * s.batch_size) // self.n
                 last = self.step == self.total
@@ -371,9 +376,12 @@ class _Run:
                 if entry or last or self.step % s.log_every == 0:
                     mean = sum(losses) / len(losses)
                     entry = {"step": self.step, "epoch": self._epoch(), "loss": mean, "lr": lr, **entry}
-                    losses = []
+                    units = {key: sum(values) / len(values) for key, values in observed.items()}
+                    entry.update(units)
+                    losses, observed = [], {}
                     self.history.append(entry)
-                    bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
+                    shown = {k: f"{v:.3f}" for k, v in units.items()}
+                    bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", **shown)
                     if self.procs.rank == 0:
                         log.info("%s", entry)
                 every = s.checkpoint_every
@@ -437,7 +445,9 @@ class _Run:
 
     def _evaluate(self) -> dict[str, float]:
         size = max(1, self.s.batch_size // self.s.grad_accum)
-        return evaluate(self.mm, self.eval_features or [], collate_fn=self.collate_fn, batch_size=size)
+        metrics = evaluate(self.mm, self.eval_features or [], collate_fn=self.collate_fn, batch_size=size)
+        self.mm.unit_metrics()  # drop what the units observed on evaluation passes: the log is training's
+        return metrics
 
     # -- checkpoints -----------------------------------------------------------------------------
 

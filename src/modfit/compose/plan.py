@@ -185,14 +185,24 @@ NodeBuilder = Callable[[Any, list[Branch], Mapping[str, Unit], str | None, str],
 _BUILDERS: dict[type[Composition], NodeBuilder] = {}
 
 
-def register_node(cls: type[Composition], builder: NodeBuilder) -> None:
+_WHOLE_OUTPUT_BRANCHES: set[type[Composition]] = set()
+
+
+def register_node(
+    cls: type[Composition], builder: NodeBuilder, *, whole_output_branches: bool = False
+) -> None:
     """How operator `cls` runs at a site: `builder(expr, branches, units, layers, where) -> Node`.
 
     `branches` are the compiled children (`Branch.empty` when none of a child's modules acts here),
     `units` the units at this site by module name, `layers` the name of the module holding the
     operator's own layers (see `Composition.layers_method`) or None, `where` the site's path.
+    `whole_output_branches`: the operator's node handles branches whose units change the whole pass
+    (prompt/prefix virtual tokens; e.g. `route`, which gives every row its own), so compiling does not
+    refuse them; its node then sets `whole_output` / `edits_input` itself and is run as an input editor.
     """
     _BUILDERS[cls] = builder
+    if whole_output_branches:
+        _WHOLE_OUTPUT_BRANCHES.add(cls)
 
 
 def compile_site(
@@ -213,7 +223,8 @@ def compile_site(
         CompositionError: a nesting that cannot be meaningful here (the message says why).
     """
     items = _sequence(expr, units, layers, where)
-    editors = [i for i in items if isinstance(i, Unit) and i.edits_input]
+    # a node may edit the input too (route's per-row input scaling): getattr, not isinstance(Unit)
+    editors = [i for i in items if getattr(i, "edits_input", False)]
     return items, editors
 
 
@@ -230,7 +241,8 @@ def _sequence(
     builder = _BUILDERS.get(type(expr))
     if builder is None:
         raise CompositionError(f"no site evaluation registered for {expr.op}()")
-    branches = [_branch(c, units, layers, where, expr.op) for c in expr.children]
+    whole = type(expr) in _WHOLE_OUTPUT_BRANCHES
+    branches = [_branch(c, units, layers, where, expr.op, whole) for c in expr.children]
     if all(b.empty for b in branches):
         return []  # none of its modules acts at this site
     node = builder(expr, branches, units, layers.get(expr), where)
@@ -238,18 +250,23 @@ def _sequence(
 
 
 def _branch(
-    expr: Composition, units: Mapping[str, Unit], layers: Mapping[Composition, str], where: str, op: str
+    expr: Composition,
+    units: Mapping[str, Unit],
+    layers: Mapping[Composition, str],
+    where: str,
+    op: str,
+    whole_output_ok: bool = False,
 ) -> Branch:
     items = _sequence(expr, units, layers, where)
     for item in items:
-        if isinstance(item, Unit) and item.whole_output:
+        if getattr(item, "whole_output", False) and not whole_output_ok:
             raise CompositionError(
                 f"'{expr}' cannot be one branch of {op}(): its {type(item).__name__} at "
                 f"{where or 'the model'} "
                 "changes the whole pass (virtual tokens or keys), which every branch would share; "
                 f"stack it outside instead, e.g. stack({expr}, {op}(...))"
             )
-    editors = [i for i in items if isinstance(i, Unit) and i.edits_input]
+    editors = [i for i in items if getattr(i, "edits_input", False)]
     return Branch(items, editors)
 
 

@@ -33,8 +33,9 @@ PHM layers, `methods/compacter.py`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import nn
@@ -108,13 +109,25 @@ class BottleneckUnit(Unit):
         return out
 
     def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
+        return self.around(h, call, self.branch, lambda name, x: getattr(self, name)(x))
+
+    def around(
+        self,
+        h: torch.Tensor,
+        call: SiteCall,
+        branch: Callable[[torch.Tensor], torch.Tensor],
+        norm: Callable[[str, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The adapter around its `branch` (mode, residuals, layer norms), with this unit's options;
+        `norm(name, x)` applies the adapter-own LayerNorm `name`. Shared with the batched kernel, which
+        passes per-row `branch` and `norm`."""
         r = call.residual
         if self.parallel:
             if r is None:
                 raise RuntimeError("parallel adapter: the site did not capture the sub-layer input")
-            out = self.branch(r.to(self.dtype))
+            out = branch(r.to(self.dtype))
             if self.ln_after is not None:
-                out = self.ln_after(out)
+                out = norm("ln_after", out)
             return h + out.to(h.dtype)
         x = h.to(self.dtype)
         residual = x
@@ -126,11 +139,127 @@ class BottleneckUnit(Unit):
             x = call.norm(x) if call.norm is not None else x
             if not self.residual_before_ln:
                 residual = x
-        out = self.branch(x)
+        out = branch(x)
         if self.ln_after is not None:
-            out = self.ln_after(out + residual)
+            out = norm("ln_after", out + residual)
             return out.to(h.dtype)
         return (out + residual).to(h.dtype)
+
+    # -- per-example routing (`route(...)`, routing/fixed.py) --------------------------------------
+
+    @classmethod
+    def can_batch(cls, units: Sequence[BottleneckUnit | None]) -> bool:
+        """Batched when the units differ only in weights and sizes: `nn.Linear` projections (not PHM), and
+        the same mode, layer-norm placement, activation, adapter-own norms, gating and dropout."""
+        real = [u for u in units if u is not None]
+        if not all(isinstance(u.down, nn.Linear) and isinstance(u.up, nn.Linear) for u in real):
+            return False
+        return len({_options(u) for u in real}) == 1
+
+    @classmethod
+    def batched(
+        cls, units: Sequence[BottleneckUnit | None], index: torch.Tensor, h: torch.Tensor, call: SiteCall
+    ) -> torch.Tensor:
+        """Row b through units[index[b]]; rows with index M = len(units) (or a None unit) keep h exactly.
+
+        The same computation as `forward`, with each row's weights gathered: down (B, K, H) and up
+        (B, H, K), K the largest bottleneck (zero-padded: a padded unit's activation meets a zero column
+        of up), biases, scaling, adapter-own LayerNorm affines and gates (B, H). h: (B, T, H).
+        """
+        real = [u for u in units if u is not None]
+        size = max(cast(nn.Linear, u.down).out_features for u in real)
+        rows = _RowWeights(units, index, size)
+        out = real[0].around(h, call, rows.branch, rows.norm)  # the options agree (`can_batch`)
+        acting = (index < len(units)).view(-1, *([1] * (h.ndim - 1)))
+        return torch.where(acting, out, h)  # no module: exactly the site's output
+
+
+def _options(unit: BottleneckUnit) -> tuple[Any, ...]:
+    """What must agree between units batched together (everything but weights and sizes)."""
+
+    def norm(layer: nn.LayerNorm | None) -> tuple[Any, ...] | None:
+        return None if layer is None else (layer.normalized_shape, layer.eps, layer.elementwise_affine)
+
+    dropout = unit.dropout.p if isinstance(unit.dropout, nn.Dropout) else 0.0
+    return (
+        unit.parallel,
+        unit.original_ln_before,
+        unit.residual_before_ln,
+        type(unit.act),
+        repr(unit.act),
+        norm(unit.ln_before),
+        norm(unit.ln_after),
+        unit.gate is not None,
+        dropout,
+    )
+
+
+class _RowWeights:
+    """The weights of each row's adapter, gathered from the units (the last slot: zeros)."""
+
+    def __init__(self, units: Sequence[BottleneckUnit | None], index: torch.Tensor, size: int) -> None:
+        self.units, self.index = units, index
+        self.first = next(u for u in units if u is not None)
+        down = [cast(nn.Linear, u.down) if u is not None else None for u in units]
+        up = [cast(nn.Linear, u.up) if u is not None else None for u in units]
+        self.down_w = self.gather([None if d is None else _pad(d.weight, size, 0) for d in down])  # (B, K, H)
+        self.down_b = self.gather([None if d is None else _pad(d.bias, size, 0) for d in down])  # (B, K)
+        self.up_w = self.gather([None if u is None else _pad(u.weight, size, 1) for u in up])  # (B, H, K)
+        self.up_b = self.gather([None if u is None else u.bias for u in up])  # (B, H)
+
+    def gather(self, values: list[torch.Tensor | None], fill: float = 0.0) -> torch.Tensor:
+        """Stack per-unit tensors (None: `fill`) plus the empty slot, then pick each row's: (B, ...)."""
+        like = next(v for v in values if v is not None)
+        empty = torch.full_like(like, fill)
+        return torch.stack([v if v is not None else empty for v in values] + [empty])[self.index]
+
+    def scaling(self, hidden: int) -> torch.Tensor:
+        """Each row's scaling as (B, 1, H): numbers, learned scalars and per-channel factors alike."""
+        like = cast(nn.Linear, self.first.up).weight
+        values = [
+            None
+            if u is None
+            else torch.as_tensor(u.scaling, dtype=like.dtype, device=like.device).expand(hidden)
+            for u in self.units
+        ]
+        return self.gather(values).unsqueeze(1)
+
+    def norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter-own LayerNorm `name` with each row's affine: normalise, then (B, 1, H) weight and
+        bias."""
+        layer = cast(nn.LayerNorm, getattr(self.first, name))
+        out = nn.functional.layer_norm(x, layer.normalized_shape, None, None, layer.eps)
+        if not layer.elementwise_affine:
+            return out
+        norms = [None if u is None else cast(nn.LayerNorm, getattr(u, name)) for u in self.units]
+        weight = self.gather([None if n is None else n.weight for n in norms], fill=1.0)
+        bias = self.gather([None if n is None else n.bias for n in norms])
+        return out * weight.unsqueeze(1) + bias.unsqueeze(1)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """`BottleneckUnit.branch` with per-row weights: x (B, T, H) -> (B, T, H)."""
+        first = self.first
+        out = self.norm("ln_before", x) if first.ln_before is not None else x
+        z = torch.bmm(out, self.down_w.transpose(1, 2)) + self.down_b.unsqueeze(1)  # (B, T, K)
+        out = torch.bmm(first.act(z), self.up_w.transpose(1, 2)) + self.up_b.unsqueeze(1)  # (B, T, H)
+        out = first.dropout(out) * self.scaling(x.shape[-1])
+        if first.gate is not None:
+            gates = [None if u is None else cast(nn.Linear, u.gate) for u in self.units]
+            weight = self.gather([None if g is None else g.weight[0] for g in gates])  # (B, H)
+            bias = self.gather([None if g is None else g.bias for g in gates])  # (B, 1)
+            logits = torch.bmm(x, weight.unsqueeze(-1)) + bias.unsqueeze(1)  # (B, T, 1)
+            out = out * torch.sigmoid(logits).mean(dim=-2, keepdim=True)
+        return out
+
+
+def _pad(weight: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """`weight` zero-padded along `dim` to `size` (the bottleneck axis)."""
+    missing = size - weight.shape[dim]
+    if missing == 0:
+        return weight
+    shape = list(weight.shape)
+    shape[dim] = missing
+    return torch.cat([weight, weight.new_zeros(shape)], dim=dim)
 
 
 def _initialise(unit: BottleneckUnit, init: str) -> None:

@@ -116,6 +116,12 @@ class FusionConfig(ModuleConfig):
     """
 
     identity_at_init: ClassVar[bool] = False  # the fusion starts near the mean of the branches
+    # Measured on MiniLM: fuse(sentiment, topic) of two pfeiffer modules trained on the demo data, the
+    # fusion then trained 48 steps of batch 16 on sentiment (seed 0): held-out sentiment accuracy 0.880
+    # at lr 5e-4, 0.900 at 1e-3, 0.910 at 2e-3, 0.865 at 5e-3 (the sentiment module alone: 0.850);
+    # at 2e-3 in tests/test_learning_fusion.py, 0.875..0.920 over seeds 0..4. The paper's 5e-5 is for
+    # 10 epochs on full data sets, far too small for short runs.
+    default_lr: ClassVar[float | None] = 2e-3
 
     children: tuple[str, ...] = ()
     temperature: float = 1.0

@@ -25,6 +25,7 @@ exactly 0 erases its row or column, which unmerge cannot restore).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -98,6 +99,14 @@ class Ia3OutputUnit(Ia3Unit):
     def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
         return (h * self.ia3_l).to(h.dtype)  # (..., out) ⊙ (out,)
 
+    @classmethod
+    def batched(
+        cls, units: Sequence[Ia3Unit | None], index: torch.Tensor, h: torch.Tensor, call: SiteCall
+    ) -> torch.Tensor:
+        """Per-example routing (`route(...)`): row b scaled by its module's l (ones for index M = len(units)
+        or a None unit: the row is unchanged). h: (B, ..., out)."""
+        return (h * _row_vectors(units, index, h.ndim)).to(h.dtype)
+
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
         self._rescale(base, out_axis=True, undo=False)  # diag(l) W, l ⊙ b
@@ -122,6 +131,28 @@ class Ia3InputUnit(Ia3Unit):
     def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
         return h  # the work happened on the input
 
+    @classmethod
+    def batched_before(
+        cls,
+        units: Sequence[Ia3Unit | None],
+        rows: Callable[[int, torch.device], torch.Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Per-example routing (`route(...)`): row b of the input scaled by its module's l (ones for rows
+        without a module here). x: (B, ..., in)."""
+        x = args[0] if args else next(iter(kwargs.values()))  # a keyword input: the projection's first
+        scaled = (x * _row_vectors(units, rows(x.shape[0], x.device), x.ndim)).to(x.dtype)
+        if args:
+            return (scaled, *args[1:]), kwargs
+        return args, {**kwargs, next(iter(kwargs)): scaled}
+
+    @classmethod
+    def batched(
+        cls, units: Sequence[Ia3Unit | None], index: torch.Tensor, h: torch.Tensor, call: SiteCall
+    ) -> torch.Tensor:
+        return h  # the work happened on the input, per row
+
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
         self._rescale(base, out_axis=False, undo=False)  # W diag(l); the bias is untouched
@@ -129,6 +160,16 @@ class Ia3InputUnit(Ia3Unit):
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
         self._rescale(base, out_axis=False, undo=True)
+
+
+def _row_vectors(units: Sequence[Ia3Unit | None], index: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Each row's l, shaped (B, 1, ..., features) to broadcast over a (B, ..., features) tensor; the
+    last slot (index M) and units that are None hold ones."""
+    first = next(u for u in units if u is not None).ia3_l
+    ones = torch.ones_like(first)
+    table = torch.stack([u.ia3_l if u is not None else ones for u in units] + [ones])  # (M + 1, features)
+    rows = table[index]  # (B, features)
+    return rows.view(rows.shape[0], *([1] * (ndim - 2)), rows.shape[1])
 
 
 @register_method(

@@ -25,6 +25,7 @@ A gated branch depends on the input through g, so it no longer merges into the w
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -81,6 +82,55 @@ class LoraUnit(Unit):
 
     def deltas(self, base: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight": self.delta_weight()}
+
+    # -- per-example routing (`route(...)`, routing/fixed.py) --------------------------------------
+
+    @classmethod
+    def can_batch(cls, units: Sequence[LoraUnit | None]) -> bool:
+        """One dropout serves all rows, so the units must agree on its rate."""
+        return len({_dropout_rate(u) for u in units if u is not None}) == 1
+
+    @classmethod
+    def batched(
+        cls, units: Sequence[LoraUnit | None], index: torch.Tensor, h: torch.Tensor, call: SiteCall
+    ) -> torch.Tensor:
+        """Row b through units[index[b]] (index M = len(units), or a None unit: no change)::
+
+            h_b + s_i B_i A_i x_b        A_i zero-padded to (R, in), B_i to (out, R), R the largest rank
+
+        The per-row A and B are gathered and applied with two batched products, so the cost does not
+        grow with the number of distinct modules in the batch. x: (B, ..., in), h: (B, ..., out).
+        """
+        real = [u for u in units if u is not None]
+        rank = max(u.lora_A.shape[0] for u in real)
+        first = real[0]
+        none_a = first.lora_A.new_zeros(rank, first.lora_A.shape[1])
+        none_b = first.lora_B.new_zeros(first.lora_B.shape[0], rank)
+        # (M + 1, R, in) and (M + 1, out, R); the last slot (and a child absent here) adds nothing
+        a = torch.stack([_pad(u.lora_A, rank, 0) if u is not None else none_a for u in units] + [none_a])
+        b = torch.stack(
+            [_pad(u.lora_B * u.scale, rank, 1) if u is not None else none_b for u in units] + [none_b]
+        )
+        x = call.inputs[0]
+        batch = x.shape[0]
+        x = first.dropout(x.to(a.dtype)).reshape(batch, -1, a.shape[-1])  # (B, T, in)
+        down = torch.bmm(x, a[index].transpose(1, 2))  # (B, T, R)
+        delta = torch.bmm(down, b[index].transpose(1, 2))  # (B, T, out)
+        return h + delta.reshape(h.shape).to(h.dtype)
+
+
+def _dropout_rate(unit: LoraUnit) -> float:
+    return float(unit.dropout.p) if isinstance(unit.dropout, nn.Dropout) else 0.0
+
+
+def _pad(weight: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """`weight` zero-padded along `dim` to `size` (the rank axis: extra rank directions add nothing)."""
+    missing = size - weight.shape[dim]
+    if missing == 0:
+        return weight
+    shape = list(weight.shape)
+    shape[dim] = missing
+    return torch.cat([weight, weight.new_zeros(shape)], dim=dim)
 
 
 class GatedLoraUnit(LoraUnit):

@@ -58,7 +58,9 @@ through the MLP, measured on MiniLM (tests/test_learning_prefix.py): the plain t
 
 from __future__ import annotations
 
+import inspect
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -144,6 +146,18 @@ class PrefixStackUnit(Unit):
         if not self.causal:
             self.table.set(self.values())  # read by this stack's attention and projection units
             return args, kwargs
+        return self._enter_cache(args, kwargs)
+
+    def _enter_cache(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        units: Sequence[PrefixStackUnit | None] | None = None,
+        rows: Callable[[int, torch.device], torch.Tensor] | None = None,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A causal stack's call with the prefix in its cache (put there on the call that fills it), the
+        mask extended by n and the positions shifted by n. With `units` and `rows` (route(...)), each row
+        gets its own module's prefix; see `batched_before`."""
         stack = self._stack.module
         if stack.training and getattr(stack, "is_gradient_checkpointing", False):
             # transformers' checkpointed layers set past_key_values=None: the prefix would silently vanish
@@ -156,13 +170,42 @@ class PrefixStackUnit(Unit):
         if cache is None:
             cache = new_cache(getattr(stack, "config", None), self.cross_attention)
             kwargs["past_key_values"] = cache
+        tokens = _tokens(kwargs)  # also checks that input_ids or inputs_embeds is given
+        batch, n = int(tokens.shape[0]), self.n
+        index = rows(batch, tokens.device) if rows is not None else None
         if claims_cache(cache, self):
-            batch = _batch_size(kwargs)  # also checks that input_ids or inputs_embeds is given
             self._check_positions(stack, kwargs)
-            gates = self._gates(stack, kwargs) if self.gates is not None else None
-            self._fill(cache, batch, _dtype(stack), gates)
-        kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), self.n)
-        shift_positions(kwargs, self.n, prepend=False)
+            if units is None or index is None:
+                values = self.values().to(_dtype(stack)).unsqueeze(0).expand(batch, -1, -1, -1, -1)
+                gates = self._gates(stack, kwargs) if self.gates is not None else None
+                self._fill(cache, values, gates)
+            else:
+                zeros = torch.zeros_like(self.values())
+                table = torch.stack([u.values() if u is not None else zeros for u in units] + [zeros])
+                self._fill(cache, table.to(_dtype(stack))[index])  # (B, n, layers, 2, width)
+        keep = index < len(units) if units is not None and index is not None else None
+        if keep is None or bool(keep.all()):
+            kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), n)
+            shift_positions(kwargs, n, prepend=False)
+            return (), kwargs
+        # Rows without a prefix module: the n cache entries (zeros) are hidden by their mask, and their
+        # tokens keep the positions they have without a prefix (relative schemes, e.g. T5's bias, need
+        # nothing: their stacks take no position ids).
+        seen = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else n  # prefix included
+        length = int(tokens.shape[1])
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # every earlier and current token
+            mask = torch.ones(batch, seen - n + length, dtype=torch.long, device=tokens.device)
+        kwargs["attention_mask"] = _extend_mask_rows(mask, n, keep)
+        shift_positions(kwargs, n, prepend=False)
+        if _takes(stack, "position_ids"):
+            positions = kwargs.get("position_ids")
+            if not isinstance(positions, torch.Tensor):
+                start = kwargs.get("cache_position")
+                if not isinstance(start, torch.Tensor):
+                    start = torch.arange(seen, seen + length, device=tokens.device)
+                positions = start.unsqueeze(0)
+            kwargs["position_ids"] = positions - n * (~keep).long().view(-1, 1).to(positions.device)
         return (), kwargs
 
     def _check_positions(self, stack: nn.Module, kwargs: dict[str, Any]) -> None:
@@ -189,25 +232,61 @@ class PrefixStackUnit(Unit):
             embeds = cast(Any, stack).get_input_embeddings()(kwargs["input_ids"])  # (batch, seq, hidden)
         return torch.sigmoid(self.gates(embeds.to(self.gates.weight.dtype))).mean(dim=1)
 
-    def _fill(self, cache: Any, batch: int, dtype: torch.dtype, gates: torch.Tensor | None = None) -> None:
-        """Put the n virtual keys/values of every layer into an empty cache (its self-attention part),
-        scaled per example by `gates` (batch, layers) when given."""
+    def _fill(self, cache: Any, values: torch.Tensor, gates: torch.Tensor | None = None) -> None:
+        """Put each row's n virtual keys/values of every layer, `values` (batch, n, layers, 2, width), into
+        an empty cache (its self-attention part), scaled per example by `gates` (batch, layers) if given."""
         self_cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the self part
-        values = self.values().to(dtype)
+        batch = values.shape[0]
         for layer in range(self.layers):
-            # (n, width) -> (batch, heads, n, head_dim), the layout attention layers cache
+            # (batch, n, width) -> (batch, heads, n, head_dim), the layout attention layers cache
             k, v = (
-                values[:, layer, i].view(self.n, self.heads, -1).transpose(0, 1).expand(batch, -1, -1, -1)
-                for i in (0, 1)
+                values[:, :, layer, i].reshape(batch, self.n, self.heads, -1).transpose(1, 2) for i in (0, 1)
             )
             if gates is not None:
-                g = gates[:, layer].to(dtype).view(batch, 1, 1, 1)
+                g = gates[:, layer].to(values.dtype).view(batch, 1, 1, 1)
                 k, v = k * g, v * g
             self_cache.update(k, v, layer)
 
     def forward(self, output: Any, call: SiteCall) -> Any:
         if not self.causal:
             self.table.set(None)  # do not keep the table (and its graph) alive after the pass
+        return output
+
+    # -- per-example routing (`route(...)`, routing/fixed.py) --------------------------------------
+
+    @classmethod
+    def can_batch(cls, units: Sequence[PrefixStackUnit | None]) -> bool:
+        """Prefixes batch together with the same number of virtual tokens and no gates."""
+        real = [u for u in units if u is not None]
+        return len({u.n for u in real}) == 1 and all(u.gates is None for u in real)
+
+    @classmethod
+    def batched_before(
+        cls,
+        units: Sequence[PrefixStackUnit | None],
+        rows: Callable[[int, torch.device], torch.Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Each row gets its own module's prefix. Encoder stacks: every module publishes its table, and
+        the attention and projection units pick each row's (see their `batched`). Causal stacks: the
+        cache gets each row's virtual keys and values; a row without a prefix module gets zeros that
+        its attention mask hides, and keeps the positions it has without a prefix."""
+        first = next(u for u in units if u is not None)
+        if not first.causal:
+            for unit in units:
+                if unit is not None:
+                    unit.table.set(unit.values())
+            return args, kwargs
+        return first._enter_cache(args, kwargs, units, rows)
+
+    @classmethod
+    def batched(
+        cls, units: Sequence[PrefixStackUnit | None], index: torch.Tensor, output: Any, call: SiteCall
+    ) -> Any:
+        for unit in units:
+            if unit is not None and not unit.causal:
+                unit.table.set(None)  # do not keep the tables (and their graphs) alive after the pass
         return output
 
 
@@ -237,36 +316,13 @@ class PrefixAttentionUnit(Unit):
         self._call.widened = False
         if self.table.get() is None:
             return args, kwargs
-        hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("query"))
-        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
-            raise TypeError(f"prefix: unexpected self-attention input {type(hidden).__name__}")
-        batch, length = hidden.shape[:2]
+        hidden = _attention_input(args, kwargs)
         if self.gate is not None:
             # As adapters: the mean over the sequence (padding included) of a per-token gate
             self._call.gate = torch.sigmoid(self.gate(hidden.to(self.gate.weight.dtype))).mean(
                 dim=1, keepdim=True
             )
-
-        def widen(name: str | int, value: Any) -> Any:
-            if not isinstance(value, torch.Tensor):
-                return value
-            if value.is_floating_point() and value.ndim == 3 and value.shape[:2] == (batch, length):
-                # hidden states (also DistilBERT 4.57's separate query/key/value): n zero rows in front
-                zeros = value.new_zeros(batch, self.n, value.shape[2])
-                return torch.cat([zeros, value], dim=1)
-            if name == "cache_position" and value.ndim == 1:
-                # transformers 4.57's T5 sizes its position bias by cache_position[-1] + 1: the n rows
-                # in front take positions 0..n-1, the tokens n..n+L-1
-                return torch.cat(
-                    [torch.arange(self.n, dtype=value.dtype, device=value.device), value + self.n]
-                )
-            is_mask = name in ("attention_mask", "mask") or isinstance(name, int)
-            if is_mask and value.ndim in (2, 4) and value.shape[-1] == length:
-                return _pad_mask(value, self.n, length)
-            return value  # e.g. T5's position_bias, already sized for n + L by the first layer
-
-        args = tuple(widen(i, a) for i, a in enumerate(args))
-        kwargs = {k: widen(k, v) for k, v in kwargs.items()}
+        args, kwargs = _widen(args, kwargs, self.n, hidden)
         self._call.widened = True
         return args, kwargs
 
@@ -278,6 +334,49 @@ class PrefixAttentionUnit(Unit):
         if isinstance(output, tuple):
             return (output[0][:, self.n :], *output[1:])
         return output[:, self.n :]
+
+    # -- per-example routing (`route(...)`, routing/fixed.py) --------------------------------------
+
+    @classmethod
+    def can_batch(cls, units: Sequence[PrefixAttentionUnit | None]) -> bool:
+        real = [u for u in units if u is not None]
+        return len({u.n for u in real}) == 1 and all(u.gate is None for u in real)
+
+    @classmethod
+    def batched_before(
+        cls,
+        units: Sequence[PrefixAttentionUnit | None],
+        rows: Callable[[int, torch.device], torch.Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Widen the attention once for every row; the n virtual key positions are hidden by the mask in
+        rows without a prefix module (their projections write zeros there)."""
+        real = [u for u in units if u is not None]
+        for unit in real:
+            unit._call.widened = False
+        if all(u.table.get() is None for u in real):
+            return args, kwargs
+        hidden = _attention_input(args, kwargs)
+        keep = rows(hidden.shape[0], hidden.device) < len(units)
+        args, kwargs = _widen(args, kwargs, real[0].n, hidden, None if bool(keep.all()) else keep)
+        for unit in real:  # their projection units check it
+            unit._call.widened = True
+        return args, kwargs
+
+    @classmethod
+    def batched(
+        cls, units: Sequence[PrefixAttentionUnit | None], index: torch.Tensor, output: Any, call: SiteCall
+    ) -> Any:
+        real = [u for u in units if u is not None]
+        if not real[0].widened():
+            return output
+        for unit in real:
+            unit._call.widened = False
+        n = real[0].n
+        if isinstance(output, tuple):
+            return (output[0][:, n:], *output[1:])
+        return output[:, n:]
 
 
 class PrefixProjectionUnit(Unit):
@@ -299,6 +398,79 @@ class PrefixProjectionUnit(Unit):
         prefix = prefix.expand(h.shape[0], -1, -1) if gate is None else prefix * gate.to(h.dtype)
         return torch.cat([prefix, h[:, n:]], dim=1)
 
+    @classmethod
+    def batched(
+        cls,
+        units: Sequence[PrefixProjectionUnit | None],
+        index: torch.Tensor,
+        h: torch.Tensor,
+        call: SiteCall,
+    ) -> torch.Tensor:
+        """Each row's virtual keys (values) from its own module's table; zeros (hidden by the mask) for
+        rows without one. h: (B, n + L, width)."""
+        real = [u for u in units if u is not None]
+        tables = [u.table.get() if u is not None else None for u in units]
+        widened = cast(PrefixAttentionUnit, real[0]._attention.module).widened()
+        present = [t for t in tables if t is not None]
+        if not present or not widened:
+            return h
+        n, width = present[0].shape[0], h.shape[-1]
+        zeros = h.new_zeros(n, width)
+        per_unit = [
+            zeros if u is None or t is None else t[:, u.layer, u.which].to(h.dtype)
+            for u, t in zip(units, tables, strict=True)
+        ]
+        prefix = torch.stack([*per_unit, zeros])[index]  # (B, n, width)
+        return torch.cat([prefix, h[:, n:]], dim=1)
+
+
+def _attention_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("query"))
+    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
+        raise TypeError(f"prefix: unexpected self-attention input {type(hidden).__name__}")
+    return hidden
+
+
+def _widen(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    n: int,
+    hidden: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A self-attention's inputs with n rows in front: zero hidden rows, and masks letting every query
+    see them (`keep` given: only in the rows where keep is True; the other rows' masks hide them)."""
+    batch, length = hidden.shape[:2]
+
+    def widen(name: str | int, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.is_floating_point() and value.ndim == 3 and value.shape[:2] == (batch, length):
+            # hidden states (also DistilBERT 4.57's separate query/key/value): n zero rows in front
+            zeros = value.new_zeros(batch, n, value.shape[2])
+            return torch.cat([zeros, value], dim=1)
+        if name == "cache_position" and value.ndim == 1:
+            # transformers 4.57's T5 sizes its position bias by cache_position[-1] + 1: the n rows
+            # in front take positions 0..n-1, the tokens n..n+L-1
+            return torch.cat([torch.arange(n, dtype=value.dtype, device=value.device), value + n])
+        is_mask = name in ("attention_mask", "mask") or isinstance(name, int)
+        if is_mask and value.ndim in (2, 4) and value.shape[-1] == length:
+            return _pad_mask(value, n, length, keep)
+        return value  # e.g. T5's position_bias, already sized for n + L by the first layer
+
+    args = tuple(widen(i, a) for i, a in enumerate(args))
+    kwargs = {k: widen(k, v) for k, v in kwargs.items()}
+    if keep is not None:
+        names = [k for k in ("attention_mask", "mask") if k in kwargs]
+        if names and kwargs[names[0]] is None:
+            # no padding in the batch, so transformers passed no mask: hide the virtual keys of the rows
+            # without a prefix with an additive mask (B, 1, 1, n + L), which eager and SDPA attention read
+            hide = torch.finfo(hidden.dtype).min
+            mask = hidden.new_zeros(batch, 1, 1, n + length)
+            mask[:, :, :, :n] = torch.where(keep, 0.0, hide).to(hidden.dtype).view(batch, 1, 1, 1)
+            kwargs[names[0]] = mask
+    return args, kwargs
+
 
 def _new_gate(hidden: int, outputs: int) -> nn.Linear:
     """A gate map hidden -> outputs, initialised as adapters does (weight N(0, 0.02²), bias 0)."""
@@ -308,26 +480,52 @@ def _new_gate(hidden: int, outputs: int) -> nn.Linear:
     return gate
 
 
-def _pad_mask(mask: torch.Tensor, n: int, length: int) -> torch.Tensor:
+def _pad_mask(mask: torch.Tensor, n: int, length: int, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Let every query see n extra key positions in front; 4-D masks (B, 1, L, L) also get n query rows.
 
     "Attend" is True in a boolean mask, 1 in a 2-D padding mask and 0 in an additive (float) mask.
+    With `keep` (B,) the n key positions are hidden ("ignore") in the rows where it is False.
     """
     if mask.dtype == torch.bool:
         fill: float | bool = True
+        hide: float | bool = False
     else:
         fill = 1 if mask.ndim == 2 else 0
-    mask = torch.cat([mask.new_full((*mask.shape[:-1], n), fill), mask], dim=-1)
+        hide = 0 if mask.ndim == 2 else torch.finfo(mask.dtype).min
+    keys = mask.new_full((*mask.shape[:-1], n), fill)
+    if keep is not None:
+        keys = keys.expand(keep.shape[0], *keys.shape[1:]).clone()  # a broadcast (1, ...) mask gets B rows
+        keys[~keep.to(keys.device)] = hide
+        mask = mask.expand(keep.shape[0], *mask.shape[1:])
+    mask = torch.cat([keys, mask], dim=-1)
     if mask.ndim == 4 and mask.shape[-2] == length:
         mask = torch.cat([mask.new_full((*mask.shape[:-2], n, mask.shape[-1]), fill), mask], dim=-2)
     return mask
 
 
-def _batch_size(kwargs: dict[str, Any]) -> int:
+def _extend_mask_rows(mask: torch.Tensor | None, n: int, keep: torch.Tensor) -> torch.Tensor | None:
+    """`extend_mask` with the n columns "attend" only in the rows where keep is True. (B, L) -> (B, n + L)."""
+    if mask is None or bool(keep.all()):
+        return extend_mask(mask, n)
+    if mask.ndim != 2:
+        raise ValueError(
+            f"virtual tokens need a 2-D attention_mask (batch, seq); got shape {tuple(mask.shape)}"
+        )
+    front = keep.to(device=mask.device, dtype=mask.dtype).view(-1, 1).expand(mask.shape[0], n)
+    return torch.cat([front, mask], dim=1)
+
+
+def _takes(module: nn.Module, name: str) -> bool:
+    """Whether `module.forward` has a parameter `name`."""
+    return name in inspect.signature(module.forward).parameters
+
+
+def _tokens(kwargs: dict[str, Any]) -> torch.Tensor:
+    """The call's input_ids (B, L) or inputs_embeds (B, L, D)."""
     for key in ("input_ids", "inputs_embeds"):
         value = kwargs.get(key)
         if isinstance(value, torch.Tensor):
-            return int(value.shape[0])
+            return value
     raise ValueError("prefix tuning needs input_ids or inputs_embeds")
 
 

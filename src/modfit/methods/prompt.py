@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast, get_args
 
@@ -229,6 +230,142 @@ class PromptUnit(Unit):
             return output
         self._call.prepended = False
         return drop_virtual(output, self.n)
+
+    # -- per-example routing (`route(...)`, routing/fixed.py) --------------------------------------
+
+    @classmethod
+    def can_batch(cls, units: Sequence[PromptUnit | None]) -> bool:
+        """Prompts batch together when they have the same number of virtual tokens."""
+        return len({u.n for u in units if u is not None}) == 1
+
+    @classmethod
+    def batched_before(
+        cls,
+        units: Sequence[PromptUnit | None],
+        rows: Callable[[int, torch.device], torch.Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Each row gets its own prompt: (B, n + L, D) with row b = [P_i; E_b], i its module.
+
+        A row without a prompt module must see exactly the base model, so its n extra positions go
+        *after* its tokens, as zeros the attention mask hides: its tokens keep the positions, token
+        types and attention they have without a prompt (absolute position tables, causal masks and
+        RoBERTa-style position ids alike), and the virtual positions are dropped again on the way out.
+        A generation step that continues a cache is refused for such rows: their hidden positions would
+        sit between their tokens and the new ones, which would then take other positions.
+        """
+        first = next(u for u in units if u is not None)
+        stack, n = first._stack.module, first.n
+        kwargs = bind_inputs(stack, args, kwargs)
+        cache = kwargs.get("past_key_values")
+        if first.causal and cache is None and _use_cache(stack, kwargs):
+            cache = kwargs["past_key_values"] = new_cache(_config(stack))
+        prepend = claims_cache(cache, first) if first.causal else True
+        embeds, ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
+        reference = embeds if embeds is not None else ids
+        if reference is None:
+            raise ValueError("prompt tuning needs input_ids or inputs_embeds")
+        index = rows(reference.shape[0], reference.device)
+        keep = index < len(units)  # rows with a prompt
+        every = bool(keep.all())
+        first._call.prepended = prepend
+        first._call.keep = None if every else keep
+        if not prepend:
+            if not every:
+                raise ValueError(
+                    "route(): a generation step continuing a cache cannot mix rows with and without a prompt "
+                    "module; route every row to a prompt (or generate them in separate batches)"
+                )
+            kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), n)
+            shift_positions(kwargs, n, prepend=False)
+            return (), kwargs
+        if embeds is None:
+            embeds = first._embeddings.module(ids)  # (B, L, D)
+        zeros = first.prompt_embeddings.new_zeros(n, embeds.shape[-1])
+        table = torch.stack([u.prompt_embeddings if u is not None else zeros for u in units] + [zeros])
+        prompts = table.to(embeds.dtype)[index]  # (B, n, D)
+        kwargs["inputs_embeds"] = _per_row(
+            keep, torch.cat([prompts, embeds], 1), torch.cat([embeds, prompts], 1)
+        )
+        kwargs["input_ids"] = None
+        mask = kwargs.get("attention_mask")
+        if mask is None and not every:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if mask is not None:
+            if mask.ndim != 2:
+                raise ValueError(
+                    f"virtual tokens need a 2-D attention_mask (batch, seq); got shape {tuple(mask.shape)}"
+                )
+            ones, no = mask.new_ones(mask.shape[0], n), mask.new_zeros(mask.shape[0], n)
+            kwargs["attention_mask"] = _per_row(keep, torch.cat([ones, mask], 1), torch.cat([mask, no], 1))
+        token_types = kwargs.get("token_type_ids")
+        if isinstance(token_types, torch.Tensor):
+            no = token_types.new_zeros(token_types.shape[0], n)
+            kwargs["token_type_ids"] = _per_row(
+                keep, torch.cat([no, token_types], 1), torch.cat([token_types, no], 1)
+            )
+        positions = kwargs.pop("position_ids", None)
+        shift_positions(kwargs, n, prepend=True)  # cache_position: one per sequence slot, every row alike
+        if isinstance(positions, torch.Tensor):
+            positions = positions.expand(embeds.shape[0], -1)
+            virtual = torch.arange(n, dtype=positions.dtype, device=positions.device).expand(
+                positions.shape[0], n
+            )
+            after = positions[:, -1:] + 1 + virtual
+            kwargs["position_ids"] = _per_row(
+                keep, torch.cat([virtual, positions + n], 1), torch.cat([positions, after], 1)
+            )
+        return (), kwargs
+
+    @classmethod
+    def batched(
+        cls, units: Sequence[PromptUnit | None], index: torch.Tensor, output: Any, call: SiteCall
+    ) -> Any:
+        """Drop every row's n virtual positions: the first n, or the last n for rows without a prompt."""
+        first = next(u for u in units if u is not None)
+        if not getattr(first._call, "prepended", False):
+            return output
+        first._call.prepended = False
+        keep = getattr(first._call, "keep", None)
+        first._call.keep = None
+        if keep is None:
+            return drop_virtual(output, first.n)
+        return drop_virtual_rows(output, first.n, keep)
+
+
+def _per_row(keep: torch.Tensor, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+    """Row b of `front` where keep[b], of `back` elsewhere (both (B, ...))."""
+    return torch.where(keep.view(-1, *([1] * (front.ndim - 1))), front, back)
+
+
+def drop_virtual_rows(output: Any, n: int, keep: torch.Tensor) -> Any:
+    """`drop_virtual` for a batch whose rows put their n virtual positions first (keep) or last."""
+    start = n * keep.long()  # (B,): n where the prompt is in front, 0 where it is behind
+
+    def take(value: torch.Tensor, dim: int) -> torch.Tensor:
+        length = value.shape[dim] - n
+        picks = start.to(value.device).view(-1, 1) + torch.arange(length, device=value.device)  # (B, length)
+        shape = [value.shape[0]] + [1] * (value.ndim - 1)
+        shape[dim] = length
+        index = picks.view(shape).expand(*value.shape[:dim], length, *value.shape[dim + 1 :])
+        return value.gather(dim, index)
+
+    if isinstance(output, torch.Tensor):
+        return take(output, 1)
+    if isinstance(output, dict):  # a transformers ModelOutput: its fields, changed in place
+        for key in list(output.keys()):
+            value = output[key]
+            if key == "last_hidden_state":
+                output[key] = take(value, 1)
+            elif key == "hidden_states" and isinstance(value, tuple):
+                output[key] = tuple(take(h, 1) for h in value)
+            elif key == "attentions" and isinstance(value, tuple):
+                output[key] = tuple(take(take(a, 2), 3) for a in value)  # (B, heads, q, k): both axes
+        return output
+    if isinstance(output, tuple):
+        return (take(output[0], 1), *output[1:])
+    return output
 
 
 def drop_virtual(output: Any, n: int) -> Any:

@@ -6,3 +6,7 @@ from __future__ import annotations
 from .context import Route, RouteError, current_route, route_ids, routed
 
 __all__ = ["Route", "RouteError", "current_route", "route_ids", "routed"]
+from .fixed import FixedRoute  # (route(...): fixed per-example routing)
+
+__all__ += ["FixedRoute"]
+from . import moe as _moe  # noqa: E402, F401  (moe(...): learned routing over modules)
