@@ -377,7 +377,7 @@ def _bench() -> Any:
     return module
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~3-4 min: run with `pytest -m heavy`; bench/hyperx.py runs the full experiment
 def test_unseen_pair_beats_the_no_module_baseline() -> None:
     """A reduced `bench/hyperx.py`: 3 tasks x 4 languages, (person, dis) and (sentiment, suf) never
     trained; 48 examples per training pair, 120 steps. The baseline: MiniLM + a head per held-out task
