@@ -76,6 +76,19 @@ class Settings:
         return "-".join(str(getattr(self, f)).replace(" ", "") for f in (*fields, *more))
 
 
+# The reduced run of tests/test_poly_learning.py: 4 skills, 4 training tasks, 2 held out, no shared baseline.
+REDUCED: dict[str, Any] = dict(
+    n_skills_data=4,
+    heldout=2,
+    per_task=160,
+    test=100,
+    skills=4,
+    steps=120,
+    fs_steps=30,
+    methods=("poly-alloc", "private"),
+)
+
+
 def _collate(tokenizer: Any) -> Any:
     return lambda features: collate(features, tokenizer.pad_token_id)
 
