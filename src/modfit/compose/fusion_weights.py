@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from ..atomic import atomic_write
+from ..plotting import new_figure, save_png
 from ..targets import TargetError
 
 if TYPE_CHECKING:
@@ -183,17 +183,11 @@ def plot_fusion_weights(result: FusionWeights, path: str | Path, *, title: str |
     Raises:
         ModuleNotFoundError: matplotlib is not installed (`pip install 'modfit[plot]'`).
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ModuleNotFoundError(
-            "drawing the fusion heatmap needs matplotlib: pip install 'modfit[plot]'", name="matplotlib"
-        ) from None
     matrix = result.matrix.numpy()
     n_layers, n_modules = matrix.shape
-    fig = Figure(figsize=(2.2 + 1.2 * n_modules, 1.4 + 0.42 * n_layers), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(
+        "the fusion heatmap", figsize=(2.2 + 1.2 * n_modules, 1.4 + 0.42 * n_layers), layout="constrained"
+    )
     ax = fig.add_subplot()
     image = ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
     for row in range(n_layers):
@@ -208,9 +202,7 @@ def plot_fusion_weights(result: FusionWeights, path: str | Path, *, title: str |
     ax.set_ylabel("layer")
     ax.set_title(title or f"fusion weights ({result.tokens:,} tokens)")
     fig.colorbar(image, ax=ax, label="mean softmax weight")
-    target = Path(path)
-    atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    return target
+    return save_png(fig, path)
 
 
 def as_json(result: FusionWeights) -> dict[str, Any]:

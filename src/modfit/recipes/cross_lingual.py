@@ -39,6 +39,7 @@ from ..batching import MlmCollator, collate, encode
 from ..data import TokenExample, read_conll, read_text
 from ..heads import head
 from ..model import ModularModel, wrap
+from ..plotting import new_figure, save_png
 from ..registry import config as method_config
 from ..train import TrainSettings, evaluate, train
 
@@ -298,14 +299,11 @@ def _write_results(spec: CrossLingualSpec, report: CrossLingualReport) -> None:
 def _plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     """The MLM losses of both language modules and the task loss, one panel each (PNG)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - the plot extra is not installed
-        log.warning("matplotlib is not installed: no %s (pip install 'modfit[plot]')", path.name)
+        fig = new_figure("the learning curves", figsize=(10, 3.5), layout="constrained")
+    except ModuleNotFoundError as e:  # the plot extra is not installed: the run itself stands
+        log.warning("no %s: %s", path.name, e)
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes = fig.subplots(1, 2)
     for name in ("source mlm", "target mlm"):
         if curves[name]:
             steps, losses = zip(*curves[name], strict=True)
@@ -316,8 +314,4 @@ def _plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None
         steps, losses = zip(*curves["task"], strict=True)
         axes[1].plot(steps, losses, color="tab:green")
     axes[1].set(title="task module (token-cls loss)", xlabel="step", ylabel="loss")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write
 from ..model import ModularModel
+from ..plotting import new_figure, save_png
 
 
 @dataclass(frozen=True)
@@ -70,18 +70,10 @@ def plot_allocation(allocation: Allocation, path: str | Path, *, title: str | No
     Raises:
         ModuleNotFoundError: matplotlib is not installed (`pip install 'modfit[plot]'`).
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ModuleNotFoundError(
-            "drawing the allocation needs matplotlib: pip install 'modfit[plot]'", name="matplotlib"
-        ) from None
     matrix = allocation.matrix.numpy()  # (T, h, S)
     tasks, heads, skills = matrix.shape
     width = 1.6 + heads * (0.8 + 0.45 * skills) + 1.2
-    fig = Figure(figsize=(width, 1.4 + 0.32 * tasks), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure("the allocation", figsize=(width, 1.4 + 0.32 * tasks), layout="constrained")
     axes = fig.subplots(1, heads, squeeze=False)[0]
     image = None
     for k, ax in enumerate(axes):
@@ -101,6 +93,4 @@ def plot_allocation(allocation: Allocation, path: str | Path, *, title: str | No
     fig.suptitle(title or "task x skill allocation")
     assert image is not None
     fig.colorbar(image, ax=list(axes), label="P(task uses skill)")
-    target = Path(path)
-    atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    return target
+    return save_png(fig, path)
