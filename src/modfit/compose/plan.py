@@ -270,17 +270,26 @@ def _branch(
     return Branch(items, editors)
 
 
+def layers_unit(expr: Composition, units: Mapping[str, Unit], layers: str | None, where: str) -> Unit:
+    """The unit of the module holding `expr`'s own layers (its fusion, its router) at this site.
+
+    Raises:
+        CompositionError: that module has no unit here (it was added before a module it serves).
+    """
+    assert layers is not None  # the model resolves every such operator to its module
+    unit = units.get(layers)
+    if unit is None:
+        raise CompositionError(
+            f"{expr.layers_method} module '{layers}' has no layer at {where}, where modules of {expr} act; "
+            f"add the {expr.layers_method} again after adding all the modules of {expr}"
+        )
+    return unit
+
+
 def _fuse(
     expr: Fuse, branches: list[Branch], units: Mapping[str, Unit], layers: str | None, where: str
 ) -> Node:
-    assert layers is not None  # the model resolves every fuse(...) to its fusion module
-    fusion = units.get(layers)
-    if fusion is None:
-        raise CompositionError(
-            f"fusion module '{layers}' has no layer at {where}, where modules of {expr} act; "
-            "add the fusion again after adding all the modules it fuses"
-        )
-    return FuseNode(branches, fusion)
+    return FuseNode(branches, layers_unit(expr, units, layers, where))
 
 
 register_node(Fuse, _fuse)

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..compose.plan import Branch, Node, register_node
+from ..compose.plan import Branch, Node, layers_unit, register_node
 from ..composition import Composition, CompositionError, _as_children, register_operator
 from ..sites import SiteCall, Unit
 from .context import current_route
@@ -96,13 +96,7 @@ class MixtureNode(Node):
 def _build(
     expr: Mixture, branches: list[Branch], units: Mapping[str, Unit], layers: str | None, where: str
 ) -> Node:
-    assert layers is not None  # the model resolves every moe(...) to its router module
-    router = units.get(layers)
-    if router is None:
-        raise CompositionError(
-            f"router module '{layers}' has no layer at {where}, where modules of {expr} act; "
-            "add the router again after adding all the modules it routes over"
-        )
+    router = layers_unit(expr, units, layers, where)
     if not isinstance(router, RouterUnit):
         raise CompositionError(f"{expr}: module '{layers}' holds no router layer at {where}")
     return MixtureNode(branches, router)
