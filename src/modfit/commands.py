@@ -20,7 +20,7 @@ from typing import Any
 from . import registry
 from .base import load_base, load_tokenizer, resolve_base
 from .batching import MlmCollator, collate, encode
-from .composition import Composition, Fuse, as_composition
+from .composition import Composition, as_composition, operator_with_layers
 from .data import DataError, TextExample, TokenExample, label_list, read_examples, task_list, with_task
 from .heads import HeadConfig
 from .model import ModularModel, wrap
@@ -331,40 +331,43 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _children_from_compose(args: argparse.Namespace, params: dict[str, Any], name: str) -> dict[str, Any]:
-    """`params`, with `children` taken from the one fuse(...) of --compose when the method's config
-    combines other modules (it has a field `children`, e.g. fusion layers) and --param names none.
+    """`params`, with `children` taken from the one operator of --compose that a module of this method
+    serves (fuse(...) for fusion layers, moe(...) for a router) when --param names none.
 
-    A `fuse(..., fusion=NAME)` naming another module is served by that one, not by the new module.
+    An operator naming another module for its layers (`fuse(..., fusion=NAME)`) is served by that one.
     """
     fields = {f.name for f in dataclasses.fields(registry.method_entry(args.method).config_class)}
     if "children" not in fields or "children" in params:
         return params
+    operator = operator_with_layers(args.method)
+    op = operator.op if operator is not None else "fuse"
     if not args.compose:
         raise ValueError(
             f"--method {args.method} combines other modules: name them with --compose, e.g. "
-            "--compose 'fuse(a, b)' (loading a and b with --load), or with --param children=a,b"
+            f"--compose '{op}(a, b)' (loading a and b with --load), or with --param children=a,b"
         )
-    fuses = [
+    served = [
         node
         for node in as_composition(args.compose).walk()
-        if isinstance(node, Fuse) and node.fusion in (None, name)
+        if node.layers_method == args.method and node.layers_name() in (None, name)
     ]
-    if not fuses:
+    if not served:
         raise ValueError(
-            f"--method {args.method}: --compose {args.compose!r} has no fuse(...) for '{name}' to serve; "
-            "e.g. --compose 'fuse(a, b)'"
+            f"--method {args.method}: --compose {args.compose!r} has no {op}(...) for '{name}' to serve; "
+            f"e.g. --compose '{op}(a, b)'"
         )
-    if len(fuses) > 1:
+    if len(served) > 1:
+        option = operator.layers_option if operator is not None else "fusion"
         raise ValueError(
-            f"--method {args.method}: --compose {args.compose!r} has {len(fuses)} fuse(...); mark the one "
-            f"'{name}' serves with fuse(..., fusion={name}), or name its modules with --param children=..."
+            f"--method {args.method}: --compose {args.compose!r} has {len(served)} {op}(...); mark the one "
+            f"'{name}' serves with {op}(..., {option}={name}), or name its modules with --param children=..."
         )
-    return {**params, "children": [str(child) for child in fuses[0].children]}
+    return {**params, "children": [str(child) for child in served[0].children]}
 
 
 def _runs_in(expr: Composition, name: str, config: Any) -> bool:
-    """Whether `expr` runs module `name`: it names it, or (fusion layers) holds the fuse(...) the
-    config was made for, not given to another fusion module with `fusion=`."""
+    """Whether `expr` runs module `name`: it names it, or (fusion layers, a router) holds the operator
+    the config was made for, not given to another module of that method by name."""
     if name in expr.names():
         return True
     made_for = getattr(config, "composition", None)
@@ -372,7 +375,9 @@ def _runs_in(expr: Composition, name: str, config: Any) -> bool:
         return False
     target = as_composition(made_for())
     return any(
-        isinstance(node, Fuse) and node.children == target.children and node.fusion in (None, name)
+        node.layers_method == config.method
+        and node.children == target.children
+        and node.layers_name() in (None, name)
         for node in expr.walk()
     )
 

@@ -270,6 +270,11 @@ def register_operator(cls: type[Composition], options: dict[str, str] | None = N
     return cls
 
 
+def operator_with_layers(method: str) -> type[Composition] | None:
+    """The operator whose own layers a module of `method` holds (fusion -> fuse), if any."""
+    return next((cls for cls in _OPERATORS.values() if cls.layers_method == method), None)
+
+
 register_operator(Stack)
 register_operator(Fuse, {"fusion": "name"})
 register_operator(Average, {"weights": "floats"})
