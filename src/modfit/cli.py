@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other-weights", action="store_true")
     p.add_argument("--out", required=True, metavar="FILE.png", help="the heatmap; needs matplotlib")
     p.add_argument("--json", action="store_true")
+
+    # -- interop (issue 7): `modfit convert`, its parser and command in `commands_convert.py` ----
+    from . import commands_convert
+
+    commands_convert.add_parser(sub)
     return parser
 
 
@@ -240,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars drown modfit's output
 
-    handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
+    handler = getattr(args, "handler", None) or getattr(commands, f"cmd_{args.command.replace('-', '_')}")
     try:
         result: Any = handler(args)
     except USER_ERRORS as e:

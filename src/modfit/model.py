@@ -546,14 +546,30 @@ class ModularModel(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def save(self, name: str, directory: str | Path, *, metrics: dict[str, float] | None = None) -> Path:
-        """Save module `name` (weights, head, card) to `directory`. See `modfit.persistence`."""
+    def save(
+        self,
+        name: str,
+        directory: str | Path,
+        *,
+        metrics: dict[str, float] | None = None,
+        format: str = "modfit",
+        **options: Any,
+    ) -> Path:
+        """Save module `name` (weights, head, card) to `directory`. See `modfit.persistence`.
+
+        `format="peft"` (or another registered format, `modfit.interop`) writes that library's files
+        instead; `options` go to its writer (PEFT: `drop_head=True`, `task_type=...`)."""
+        if format != "modfit":
+            from .interop import save_external
+
+            return save_external(self, name, directory, format, **options)
         from .persistence import save_module
 
         return save_module(self, name, directory, metrics=metrics)
 
     def load(self, directory: str | Path, name: str | None = None, *, check_base: bool = True) -> str:
-        """Load a saved module; returns its name on this model. See `modfit.persistence`."""
+        """Load a saved module, or a PEFT adapter folder; returns its name on this model. See
+        `modfit.persistence` and `modfit.interop`."""
         from .persistence import load_module
 
         return load_module(self, directory, name=name, check_base=check_base)

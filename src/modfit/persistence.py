@@ -205,12 +205,20 @@ def load_module(
 ) -> str:
     """Add the module saved in `directory` to `mm` under `name` (default: its saved name).
 
+    A folder without a card that another library's format recognises (a PEFT adapter) is read by
+    `modfit.interop.load_external`; `check_base` does not apply there (such folders carry no fingerprint).
+
     Raises:
         ModuleFileError: a missing or malformed file, or weights that do not fit the config.
         BaseMismatchError: the module was trained on a different base.
         ConfigError: the card's method or config is unknown to this modfit.
     """
     directory = Path(directory)
+    if not (directory / CARD).is_file():
+        from .interop import detect_format, load_external  # a folder of another library (PEFT, ...)
+
+        if detect_format(directory) is not None:
+            return load_external(mm, directory, name=name)
     card = read_card(directory)
     card_path = directory / CARD
     verify_base(card, mm, card_path, check_weights=check_base)

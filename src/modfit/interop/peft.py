@@ -1,0 +1,147 @@
+"""HuggingFace PEFT's checkpoint format: `adapter_config.json` + `adapter_model.safetensors`.
+
+A PEFT folder holds the adapter named "default" (`save_pretrained(dir)`)::
+
+    adapter_config.json        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    adapter_model.safetensors  base_model.model.<module name>.lora_A.weight, ...; prompts: prompt_embeddings
+    (adapter_model.bin)        the same dict pickled (older PEFT); read with torch.load(weights_only=True)
+
+What converts (each translator's docstring has the details):
+
+| PEFT `peft_type` | modfit method | file |
+|---|---|---|
+| LORA (rsLoRA, rank/alpha patterns, fan_in_fan_out) | lora (a union of lora per (r, alpha)) | peft_lora.py |
+| LORA with `use_dora` | dora (a union of dora members for patterns) | peft_lora.py |
+| IA3 | ia3 | peft_ia3.py |
+| PROMPT_TUNING | prompt | peft_prompt.py |
+| PREFIX_TUNING (with or without prefix_projection) | prefix (the stored table) | peft_prompt.py |
+
+A config field that would change what the weights compute and that modfit cannot express is refused
+by name (e.g. `"bias": "all"`, `lora_bias`, `modules_to_save`, LoRA on embeddings), never ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..atomic import json_writer, safetensors_writer
+from ..targets import ModelView
+from . import peft_ia3, peft_lora, peft_prompt  # noqa: F401  (fill READERS and WRITERS)
+from .peft_common import BIN_FILE, CONFIG_FILE, READERS, SAFETENSORS_FILE, WRITERS, Checkpoint
+from .registry import ExternalFormat, Imported, InteropError, Writer, register_format
+
+if TYPE_CHECKING:
+    from ..model import ModularModel
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """The config and tensors of a PEFT folder.
+
+    Raises:
+        InteropError: a missing file, invalid JSON (with its line), no `peft_type`, unreadable weights.
+    """
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise InteropError(f"{config_path}: missing; {folder} is not a PEFT adapter folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InteropError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        raise InteropError(f'{config_path}: no "peft_type"; not a PEFT adapter config')
+    weights_path = folder / SAFETENSORS_FILE
+    if weights_path.is_file():
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError) as e:
+            raise InteropError(f"{weights_path}: cannot read safetensors: {e}") from None
+    elif (folder / BIN_FILE).is_file():
+        weights_path = folder / BIN_FILE
+        tensors = _read_bin(weights_path)
+    else:
+        raise InteropError(f"{folder}: neither {SAFETENSORS_FILE} nor {BIN_FILE} (the adapter's weights)")
+    return Checkpoint(config, tensors, config_path, weights_path)
+
+
+def _read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, unpickled with `weights_only=True`: tensors and plain containers only."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise InteropError(f"{path}: cannot read as a weights-only torch file: {first}") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise InteropError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+class PeftFormat(ExternalFormat):
+    """HuggingFace PEFT adapters (LoRA, DoRA, IA3, prompt tuning, prefix tuning)."""
+
+    name = "peft"
+
+    def detect(self, folder: Path) -> bool:
+        if not (folder / CONFIG_FILE).is_file():
+            return False
+        if (folder / SAFETENSORS_FILE).is_file() or (folder / BIN_FILE).is_file():
+            return True
+        try:  # a config without weights: still PEFT's, so loading names the missing file
+            return "peft_type" in json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError, TypeError):
+            return False
+
+    def read(self, folder: Path, view: ModelView) -> Imported:
+        checkpoint = read_checkpoint(folder)
+        peft_type = checkpoint.config["peft_type"]
+        reader = READERS.get(peft_type)
+        if reader is None:
+            raise InteropError(
+                f'{checkpoint.field("peft_type")} is "{peft_type}"; modfit converts '
+                + ", ".join(sorted(READERS))
+            )
+        return reader(checkpoint, view)
+
+    def files(self, mm: ModularModel, name: str, **options: Any) -> list[tuple[str, Writer]]:
+        """Options: `drop_head=True` exports a module whose head PEFT cannot hold (without it);
+        `task_type` overrides the PEFT task type (default: from the model's class)."""
+        record = mm._record(name)
+        method = record.config.method
+        writer = WRITERS.get(method)
+        if writer is None:
+            raise InteropError(
+                f"module '{name}': method '{method}' has no PEFT equivalent; PEFT's format holds "
+                f"{', '.join(sorted(WRITERS))}"
+            )
+        head = mm.head_module(name)
+        if head is not None and any(True for _ in head.parameters()) and not options.get("drop_head"):
+            raise InteropError(
+                f"module '{name}' has a {record.head.task if record.head else ''} head, which PEFT's format "
+                "cannot hold; export without it (drop_head=True, `--drop-head`)"
+            )
+        config, tensors = writer(mm, name, options)
+        from ..persistence import base_name
+
+        config = {
+            "peft_type": config.pop("peft_type"),
+            "task_type": config.pop("task_type", None),
+            "base_model_name_or_path": base_name(mm),
+            "revision": None,
+            "inference_mode": True,
+            **config,
+        }
+        return [
+            (SAFETENSORS_FILE, safetensors_writer(tensors, metadata={"format": "pt"})),
+            (CONFIG_FILE, json_writer(config)),  # last: a folder with a config is complete
+        ]
+
+
+FORMAT = register_format(PeftFormat())
