@@ -1,5 +1,5 @@
 """The `modfit` command line: train, eval, predict, info, methods, count, demo, merge, fisher,
-fusion-weights, routing-plot.
+fusion-weights, routing-plot, recipe (its parsers and commands in `commands_recipe.py`).
 
 Every subcommand that prints results takes `--json` for machine-readable output. Errors that come
 from the user's input (a bad file, an unknown method, a module trained on another base) print one
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, commands_recipe
 
 # OSError: a file or folder that cannot be read or written (a missing base, an --out that is a folder).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, ModuleNotFoundError)
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.png", help="the heatmap; needs matplotlib")
     p.add_argument("--json", action="store_true")
 
+    # -- recipes (issue 6): `modfit recipe cross-lingual` -----------------------------------------
+    commands_recipe.add_parsers(sub)
+
     # -- interop (issue 7): `modfit convert`, its parser and command in `commands_convert.py` ----
     from . import commands_convert
 
@@ -245,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars drown modfit's output
 
-    handler = getattr(args, "handler", None) or getattr(commands, f"cmd_{args.command.replace('-', '_')}")
+    module = commands_recipe if args.command == "recipe" else commands
+    handler = getattr(args, "handler", None) or getattr(module, f"cmd_{args.command.replace('-', '_')}")
     try:
         result: Any = handler(args)
     except USER_ERRORS as e:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -67,6 +67,13 @@ class CrossLingualSpec:
         max_text_lines, max_train_sentences: caps on the data read (0: all).
         seed: seeds every run.
         lang_params, task_params: extra config fields of the language and task modules.
+        source_lang, target_lang, task_name: the modules' names (and folder names under `out`), so
+            that `modfit eval --load out/sw --load out/ner --compose "stack(sw, ner)"` reads as the
+            table does.
+        whole_word_masking: MLM masks whole words (all pieces of a word together), else single pieces.
+        shared_head: the target language module trains under the source module's MLM head, frozen
+            (as MAD-X trains every language adapter under the one pretrained, frozen MLM head), so both
+            language modules map into the space one head reads; else it trains its own head.
     """
 
     base: str
@@ -89,6 +96,39 @@ class CrossLingualSpec:
     seed: int = 0
     lang_params: dict[str, Any] = field(default_factory=dict)
     task_params: dict[str, Any] = field(default_factory=dict)
+    source_lang: str = "source"
+    target_lang: str = "target"
+    task_name: str = "task"
+    whole_word_masking: bool = True
+    shared_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in get_args(LanguageMethod):
+            raise ValueError(f"recipe cross-lingual: unknown method {self.method!r}; use pfeiffer or sft")
+        if self.task != "token-cls":
+            raise ValueError(
+                f"recipe cross-lingual: task {self.task!r} is not supported yet (token-cls only)"
+            )
+        for what in ("mlm_steps", "task_steps", "batch_size", "max_length"):
+            if getattr(self, what) < 1:
+                raise ValueError(f"recipe cross-lingual: {what} must be >= 1, got {getattr(self, what)}")
+        for what in ("extend_vocab", "max_text_lines", "max_train_sentences"):
+            if getattr(self, what) < 0:
+                raise ValueError(f"recipe cross-lingual: {what} must be >= 0, got {getattr(self, what)}")
+        names = (self.source_lang, self.target_lang, self.task_name)
+        for name in names:
+            if not _NAME.fullmatch(name):
+                raise ValueError(
+                    f"recipe cross-lingual: module name {name!r} must be a word (letters, digits, _)"
+                )
+        if len(set(names)) != 3:
+            raise ValueError(
+                f"recipe cross-lingual: the three module names must differ, got {', '.join(names)}"
+            )
+
+    def inputs(self) -> dict[str, str]:
+        """The input files by field name."""
+        return {k: getattr(self, k) for k in ("source_text", "target_text", "train", "eval_target")}
 
 
 @dataclass
@@ -110,6 +150,7 @@ def _defaults(method: str) -> tuple[str, str, float, float]:
 
 
 _TAG = re.compile(r"^(O|[BIES]-\S+)$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _lines(path: str, cap: int) -> list[str]:
@@ -161,12 +202,26 @@ def _train(
 def run_cross_lingual(spec: CrossLingualSpec) -> CrossLingualReport:
     """Run the recipe (see the module docstring) and save everything under `spec.out`.
 
+    Every input file is read before anything trains, so a bad file fails at once.
+
     Raises:
         ValueError, OSError: unreadable data (the message names the file and line) or a bad setting.
     """
-    if spec.task != "token-cls":
-        raise ValueError(f"recipe cross-lingual: --task {spec.task} is not supported yet (token-cls only)")
+    for what, path in spec.inputs().items():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"recipe cross-lingual: {what} {path}: no such file")
     started = time.perf_counter()
+    src, tgt, task = spec.source_lang, spec.target_lang, spec.task_name
+    source_texts = _lines(spec.source_text, spec.max_text_lines)
+    target_texts = _lines(spec.target_text, spec.max_text_lines)
+    train_examples = read_conll(spec.train)
+    if spec.max_train_sentences:
+        train_examples = train_examples[: spec.max_train_sentences]
+    labels = sorted({t for ex in train_examples for t in ex.tags or ()}, key=lambda t: (t != "O", t))
+    eval_examples, unknown = _as_o(read_conll(spec.eval_target), set(labels))
+    if unknown:
+        log.warning("target labels unknown to the task head count as O: %s", ", ".join(unknown))
+
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
@@ -174,23 +229,29 @@ def run_cross_lingual(spec: CrossLingualSpec) -> CrossLingualReport:
     lang_lr, task_lr = spec.mlm_lr or lang_lr, spec.task_lr or task_lr
     tokenizer = load_tokenizer(spec.base)
     mm = wrap(load_base(spec.base))
-    curves: dict[str, list[tuple[int, float]]] = {"source mlm": [], "target mlm": [], "task": []}
+    curves: dict[str, list[tuple[int, float]]] = {f"{src} mlm": [], f"{tgt} mlm": [], task: []}
 
     # 1. language modules
-    mlm_collate = MlmCollator(tokenizer, seed=spec.seed)
-    source_texts = _lines(spec.source_text, spec.max_text_lines)
-    source = encode(
-        _text_examples(source_texts),
-        tokenizer,
-        "mlm",
-        labels=None,
-        max_length=spec.max_length,
-        keep_word_ids=True,
-    )
-    mm.add("source", method_config(lang_method, **spec.lang_params), head=head("mlm"), language="source")
-    _train(mm, "source", source, mlm_collate, spec.mlm_steps, lang_lr, spec, curves["source mlm"])
+    def mlm_features(texts: Sequence[str], tok: Any) -> list[Any]:
+        return encode(
+            _text_examples(texts), tok, "mlm", labels=None, max_length=spec.max_length, keep_word_ids=True
+        )
 
-    target_texts = _lines(spec.target_text, spec.max_text_lines)
+    def masking(tok: Any) -> MlmCollator:
+        return MlmCollator(tok, whole_word_masking=spec.whole_word_masking, seed=spec.seed)
+
+    mm.add(src, method_config(lang_method, **spec.lang_params), head=head("mlm"), language=src)
+    _train(
+        mm,
+        src,
+        mlm_features(source_texts, tokenizer),
+        masking(tokenizer),
+        spec.mlm_steps,
+        lang_lr,
+        spec,
+        curves[f"{src} mlm"],
+    )
+
     target_tokenizer = tokenizer
     target_config = method_config(lang_method, **spec.lang_params)
     if spec.extend_vocab:
@@ -202,66 +263,55 @@ def run_cross_lingual(spec: CrossLingualSpec) -> CrossLingualReport:
         )
         target_config = method_config("union", components=[target_config, vocab])
         target_tokenizer = extended_tokenizer(tokenizer, pieces)
-    mm.add("target", target_config, head=head("mlm"), language="target")
+    # A shared head: the target module has none of its own; it trains under the source's (frozen:
+    # `train` optimises the target module's own parameters only).
+    mm.add(tgt, target_config, head=None if spec.shared_head else head("mlm"), language=tgt)
     if spec.extend_vocab:
         from ..vocabulary import initialise_lexically
 
-        initialise_lexically(mm, "target", tokenizer)
-    target = encode(
-        _text_examples(target_texts),
-        target_tokenizer,
-        "mlm",
-        labels=None,
-        max_length=spec.max_length,
-        keep_word_ids=True,
-    )
+        initialise_lexically(mm, tgt, tokenizer)
+    mm.activate(tgt, head=src if spec.shared_head else tgt)
     _train(
         mm,
-        "target",
-        target,
-        MlmCollator(target_tokenizer, seed=spec.seed),
+        tgt,
+        mlm_features(target_texts, target_tokenizer),
+        masking(target_tokenizer),
         spec.mlm_steps,
         lang_lr,
         spec,
-        curves["target mlm"],
+        curves[f"{tgt} mlm"],
     )
 
     # 2. the task module on the source language
-    train_examples = read_conll(spec.train)
-    if spec.max_train_sentences:
-        train_examples = train_examples[: spec.max_train_sentences]
-    labels = sorted({t for ex in train_examples for t in ex.tags or ()}, key=lambda t: (t != "O", t))
     pad = tokenizer.pad_token_id
     task_features = encode(train_examples, tokenizer, "token-cls", labels=labels, max_length=spec.max_length)
-    mm.add("task", method_config(task_method, **spec.task_params), head=head("token-cls", labels), task="ner")
-    mm.activate("stack(source, task)")
+    mm.add(task, method_config(task_method, **spec.task_params), head=head("token-cls", labels), task=task)
+    mm.activate(f"stack({src}, {task})")
     _train(
         mm,
-        "task",
+        task,
         task_features,
         partial(collate, pad_token_id=pad),
         spec.task_steps,
         task_lr,
         spec,
-        curves["task"],
+        curves[task],
     )
 
     # 3. the table
-    eval_examples, unknown = _as_o(read_conll(spec.eval_target), set(labels))
-    if unknown:
-        log.warning("target labels unknown to the task head count as O: %s", ", ".join(unknown))
     table: dict[str, dict[str, float]] = {}
-    for row, expression, tok in (
-        ("task alone", "task", tokenizer),
-        ("stack(source, task)", "stack(source, task)", tokenizer),
-        ("stack(target, task)", "stack(target, task)", target_tokenizer),
+    for expression, tok in (
+        (task, tokenizer),
+        (f"stack({src}, {task})", tokenizer),
+        (f"stack({tgt}, {task})", target_tokenizer),
     ):
         features = encode(eval_examples, tok, "token-cls", labels=labels, max_length=spec.max_length)
-        mm.activate(expression, head="task")
+        mm.activate(expression, head=task)
         metrics = evaluate(mm, features, collate_fn=partial(collate, pad_token_id=pad), batch_size=64)
+        row = f"{task} alone" if expression == task else expression
         table[row] = {k: metrics[k] for k in ("f1", "precision", "recall") if k in metrics}
 
-    for name in ("source", "target", "task"):
+    for name in (src, tgt, task):
         mm.save(name, out / name)
     seconds = time.perf_counter() - started
     report = CrossLingualReport(table, curves, out, seconds, unknown)
@@ -297,21 +347,22 @@ def _write_results(spec: CrossLingualSpec, report: CrossLingualReport) -> None:
 
 
 def _plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """The MLM losses of both language modules and the task loss, one panel each (PNG)."""
+    """The MLM losses of both language modules ("... mlm") and the task loss, one panel each (PNG)."""
     try:
         fig = new_figure("the learning curves", figsize=(10, 3.5), layout="constrained")
     except ModuleNotFoundError as e:  # the plot extra is not installed: the run itself stands
         log.warning("no %s: %s", path.name, e)
         return
     axes = fig.subplots(1, 2)
-    for name in ("source mlm", "target mlm"):
-        if curves[name]:
-            steps, losses = zip(*curves[name], strict=True)
+    for name, curve in curves.items():
+        if curve and name.endswith(" mlm"):
+            steps, losses = zip(*curve, strict=True)
             axes[0].plot(steps, losses, label=name)
     axes[0].set(title="language modules (MLM loss)", xlabel="step", ylabel="loss")
     axes[0].legend()
-    if curves["task"]:
-        steps, losses = zip(*curves["task"], strict=True)
-        axes[1].plot(steps, losses, color="tab:green")
+    for name, curve in curves.items():
+        if curve and not name.endswith(" mlm"):
+            steps, losses = zip(*curve, strict=True)
+            axes[1].plot(steps, losses, color="tab:green")
     axes[1].set(title="task module (token-cls loss)", xlabel="step", ylabel="loss")
     save_png(fig, path)
