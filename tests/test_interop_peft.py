@@ -513,3 +513,28 @@ def test_cli_convert_both_ways(tiny: Any, tmp_path: Path, capsys: pytest.Capture
     assert "not a peft checkpoint folder" in capsys.readouterr().err
     assert main(["convert", "--to", "adapters", str(module), "--out", str(bad), "--base", str(base_dir)]) == 2
     assert "unknown checkpoint format 'adapters'" in capsys.readouterr().err
+
+
+def test_keys_of_the_model_with_a_head_load_into_the_bare_model_and_back(tiny: Any, tmp_path: Path) -> None:
+    """PEFT names modules inside the class it wrapped (`bert.encoder...` for BertForSequenceClassification);
+    a bare BertModel finds them without the prefix, and an export from the class with a head adds it."""
+    import transformers
+
+    family = tiny("bert")
+    base = family.build()
+    names = [n for n, _ in base.named_modules() if n.endswith(("query", "value"))]
+    tensors = {k.replace(P, P + "bert."): v for k, v in _lora_tensors(base, names, {}).items()}
+    folder = write_peft(tmp_path / "with_head", LORA_CONFIG, tensors)
+    bare = {k.replace("bert.", ""): v for k, v in tensors.items()}
+    plain = write_peft(tmp_path / "bare", LORA_CONFIG, bare)
+    assert torch.equal(_loaded_output(family, folder), _loaded_output(family, plain))
+    torch.manual_seed(0)
+    classifier = transformers.BertForSequenceClassification(family.config_obj).eval()
+    mm = modfit.wrap(classifier)
+    name = mm.load(plain, name="x")
+    mm.save(name, tmp_path / "out", format="peft")
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert written["task_type"] == "SEQ_CLS"
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "out" / "adapter_model.safetensors"))) == set(tensors)

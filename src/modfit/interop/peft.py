@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..atomic import json_writer, safetensors_writer
+from ..persistence import base_name
 from ..targets import ModelView
 from . import peft_ia3, peft_lora, peft_prompt  # noqa: F401  (fill READERS and WRITERS)
 from .peft_common import BIN_FILE, CONFIG_FILE, READERS, SAFETENSORS_FILE, WRITERS, Checkpoint
@@ -128,8 +129,6 @@ class PeftFormat(ExternalFormat):
                 "cannot hold; export without it (drop_head=True, `--drop-head`)"
             )
         config, tensors = writer(mm, name, options)
-        from ..persistence import base_name
-
         config = {
             "peft_type": config.pop("peft_type"),
             "task_type": config.pop("task_type", None),

@@ -21,7 +21,7 @@ Exporting refuses a gated LoRA (UniPELT's `use_gating`) and unions with other me
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -225,9 +225,8 @@ def _members(name: str, config: Any) -> list[tuple[str | None, LoraConfig]]:
 def _patterns(
     settings: dict[str, tuple[int, float]], r: int, alpha: float
 ) -> tuple[dict[str, int], dict[str, Any]]:
-    """`rank_pattern` / `alpha_pattern` keyed by module name, checked to give every module its setting."""
-    import re
-
+    """`rank_pattern` / `alpha_pattern` keyed by module name, checked to give every module its setting
+    (plain names first; escaped as regular expressions if a plain name would also match another module)."""
     for escape in (False, True):
         key = re.escape if escape else str
         ranks = {key(n): rank for n, (rank, _) in settings.items() if rank != r}
@@ -243,6 +242,3 @@ def _patterns(
 def _lookup(pattern: dict[str, Any], name: str, default: float) -> float:
     found = pattern_key(pattern, name)
     return float(pattern[found]) if found is not None else float(default)
-
-
-__all__: Sequence[str] = ("read_lora", "write_lora")
