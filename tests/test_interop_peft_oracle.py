@@ -122,8 +122,22 @@ LORA_CASES = [
     ("gpt2", dict(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj"]), {}),
     ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]), {}),
     ("bert", dict(r=4, lora_alpha=8, target_modules=r".*\.(query|key)"), {"safe_serialization": False}),
+    (
+        "gpt2",
+        dict(r=4, lora_alpha=8, use_dora=True, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"]),
+        {},
+    ),
 ]
-LORA_IDS = ["plain", "rslora", "dora", "rank-pattern", "gpt2-fan-in-fan-out", "layers", "regex-bin"]
+LORA_IDS = [
+    "plain",
+    "rslora",
+    "dora",
+    "rank-pattern",
+    "gpt2-fan-in-fan-out",
+    "layers",
+    "regex-bin",
+    "gpt2-dora",
+]
 
 
 @pytest.mark.parametrize(("family_name", "fields", "save"), LORA_CASES, ids=LORA_IDS)
@@ -150,13 +164,14 @@ MODFIT_LORA = [
     ),
     ("gpt2", "lora", dict(r=4, alpha=8, targets=("c_attn", "attn_out"))),
     ("llama", "lora", dict(r=2, alpha=4, targets=("q_proj",), layers=(0,))),
+    ("gpt2", "dora", dict(r=4, alpha=8, targets=("c_attn", "ffn_in"))),
 ]
 
 
 @pytest.mark.parametrize(
     ("family_name", "method", "params"),
     MODFIT_LORA,
-    ids=["plain", "rslora", "dora", "rank-pattern", "gpt2-fan-in-fan-out", "layers"],
+    ids=["plain", "rslora", "dora", "rank-pattern", "gpt2-fan-in-fan-out", "layers", "gpt2-dora"],
 )
 def test_modfit_lora_loads_in_peft(
     tiny: Any, tmp_path: Path, family_name: str, method: str, params: dict[str, Any]
