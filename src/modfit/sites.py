@@ -75,6 +75,9 @@ class Unit(nn.Module):
             (IA)³ scaling a projection's input, or prompt tuning prepending virtual tokens.
         whole_output: whether `forward()` receives the watched module's raw output (a tuple or a
             ModelOutput) instead of its first tensor.
+        averageable: whether identically built instances can be mixed by averaging their
+            parameters (Polytropon's skills, `methods/poly_skills.py`): the forward depends on the
+            unit's own parameters only, edits no input and shares nothing with other units.
     """
 
     stage: ClassVar[int] = 1
@@ -82,6 +85,7 @@ class Unit(nn.Module):
     needs_residual: ClassVar[bool] = False
     edits_input: ClassVar[bool] = False
     whole_output: ClassVar[bool] = False
+    averageable: ClassVar[bool] = False
 
     def forward(self, h: Any, call: SiteCall) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError

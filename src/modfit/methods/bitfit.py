@@ -45,6 +45,7 @@ class _OutputBias(Unit):
     """Adds a learned vector to the watched module's output: h' = h + Δb, Δb of shape (out,)."""
 
     stage = 0
+    averageable = True
 
     def __init__(self, size: torch.Size | tuple[int, ...]) -> None:
         super().__init__()

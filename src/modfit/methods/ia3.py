@@ -96,6 +96,8 @@ class Ia3Unit(Unit):
 class Ia3OutputUnit(Ia3Unit):
     """(IA)³ on a projection's output: h = (W x + b) ⊙ l, l: (out,). The bias is scaled too, as in PEFT."""
 
+    averageable = True
+
     def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
         return (h * self.ia3_l).to(h.dtype)  # (..., out) ⊙ (out,)
 

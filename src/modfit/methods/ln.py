@@ -74,6 +74,7 @@ class NormUnit(Unit):
 
     stage = 0
     mergeable = True
+    averageable = True
 
     def __init__(self, shape: torch.Size, has_bias: bool, kind: Kind, eps: float | None) -> None:
         super().__init__()

@@ -49,6 +49,7 @@ class LoraUnit(Unit):
 
     stage = 0
     mergeable = True
+    averageable = True
 
     def __init__(
         self,

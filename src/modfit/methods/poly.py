@@ -44,13 +44,19 @@ if it has one; `mm.activate(name, head=source)` keeps the source's head instead,
 
 Parameter count per targeted projection: S · r · (in + out); plus T · h · S for the allocation. S = 4,
 r = 8 on MiniLM's query and value (6 layers, 384 → 384): 4 · 8 · 768 · 12 = 294,912, plus 4 · T.
+
+Skills of other methods: `skill=` names any averageable method's config (ia3 on projection outputs,
+bitfit, ln, dora, lora through the generic path), whose S instances are averaged per task the same
+way, θ^(t) = Σ_s w_ts θ_s (`methods/poly_skills.py`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -61,6 +67,8 @@ from ..registry import register_method
 from ..routing.context import RouteError, current_route, route_ids
 from ..sites import Attachment, SiteCall, Unit
 from ..targets import ModelView, TargetError, projection_shape
+from .poly_skills import PolySkillsUnit, build_skills
+from .union import member_config
 
 EPS = 1e-12  # keeps w finite when every z of a row underflows to 0
 _INIT = 1e-3  # new allocation logits start in U(-1e-3, 1e-3): every skill equally likely
@@ -268,6 +276,11 @@ class PolyConfig(ModuleConfig):
         temperature: τ of the relaxed Bernoulli in training.
         router_lr_scale: the allocation learns this many times faster than the skills.
         train_skills: False keeps the skills fixed (buffers): training then moves the allocation only.
+        skill: None (the default): the skills are LoRAs with `r`, `alpha`, `dropout`, `targets` and
+            `layers`, run by a per-row batched kernel. Otherwise the config of any averageable method
+            (a method name, a {"method": ..., field: ...} mapping or its JSON; e.g. ia3 on key and
+            value, bitfit, ln), whose S instances are averaged per task (`methods/poly_skills.py`);
+            its own fields say where it attaches, and MHR heads are not available.
     """
 
     tasks: tuple[str, ...] = ()
@@ -281,9 +294,16 @@ class PolyConfig(ModuleConfig):
     temperature: float = 1.0
     router_lr_scale: float = 10.0
     train_skills: bool = True
+    skill: ModuleConfig | None = None
 
     def __post_init__(self) -> None:
         m = self.method
+        if self.skill is not None:
+            check(isinstance(self.skill, ModuleConfig), m, "skill", f"{self.skill!r} is not a method config")
+            check(self.skill.method != m, m, "skill", "a poly module's skills cannot be poly modules")
+            check(
+                self.n_splits == 1, m, "n_splits", "MHR heads split LoRA's A and B: use them with LoRA skills"
+            )
         check(self.n_skills >= 1, m, "n_skills", f"must be >= 1, got {self.n_skills}")
         check(self.n_splits >= 1, m, "n_splits", f"must be >= 1, got {self.n_splits}")
         check(self.r >= 1, m, "r", f"must be >= 1, got {self.r}")
@@ -296,9 +316,36 @@ class PolyConfig(ModuleConfig):
         dupes = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         check(not dupes, m, "tasks", f"duplicate task names {dupes}")
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.skill is not None:
+            out["skill"] = {"method": self.skill.method, **self.skill.to_dict()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> PolyConfig:
+        """As `ModuleConfig.from_dict`, plus `skill` given as a config, a method name, a mapping with
+        "method", or that mapping's JSON text (`--param skill='{"method": "ia3", "targets": "key"}'`)."""
+        values = dict(values)
+        skill = values.pop("skill", None)
+        if isinstance(skill, str) and skill.strip().lower() in ("", "none", "null", "lora"):
+            skill = None
+        if isinstance(skill, str) and skill.strip().startswith("{"):
+            try:
+                skill = json.loads(skill)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{source}: poly.skill is not valid JSON: {e}") from None
+        config = cast(PolyConfig, super().from_dict(values, source=source))
+        if skill is None:
+            return config
+        return config.replace(skill=member_config(skill, f"{source}: poly.skill"))
+
     def build(self, view: ModelView) -> list[Attachment]:
-        """One `PolyUnit` per targeted projection; the first holds the shared allocation."""
+        """One `PolyUnit` per targeted projection (or, with another `skill` method, one
+        `PolySkillsUnit` per site of that method); the first holds the shared allocation."""
         router = PolyRouter(self.tasks, self.n_skills, self.n_splits, self.temperature, self.router_lr_scale)
+        if self.skill is not None:
+            return build_skills(self.skill, view, self.n_skills, router, self.train_skills, self.method)
         attachments = []
         for i, path in enumerate(view.projections(self.targets, self.layers)):
             in_f, out_f, _ = projection_shape(view.module(path))
@@ -325,11 +372,11 @@ class PolyConfig(ModuleConfig):
 # -- working with a poly module on a model -------------------------------------------------------
 
 
-def _poly_units(mm: ModularModel, name: str) -> list[tuple[str, PolyUnit]]:
+def _poly_units(mm: ModularModel, name: str) -> list[tuple[str, PolyUnit | PolySkillsUnit]]:
     record = mm._record(name)
     if record.config.method != "poly":
         raise ConfigError(f"module '{name}' is a {record.config.method} module, not poly")
-    return [(path, cast(PolyUnit, unit)) for path, unit in mm.units(name)]
+    return [(path, cast("PolyUnit | PolySkillsUnit", unit)) for path, unit in mm.units(name)]
 
 
 def router(mm: ModularModel, name: str) -> PolyRouter:
@@ -404,6 +451,9 @@ def adapt(
     mm.add(name, config, head, task=record.card.get("task"), language=record.card.get("language"))
     for path, unit in mm.units(name):
         src = units[path]
+        if isinstance(unit, PolySkillsUnit):
+            unit.copy_skills(cast(PolySkillsUnit, src))
+            continue
         cast(torch.Tensor, unit.lora_A).copy_(cast(torch.Tensor, src.lora_A))
         cast(torch.Tensor, unit.lora_B).copy_(cast(torch.Tensor, src.lora_B))
     source_head, new_head = mm.head_module(source), mm.head_module(name)

@@ -104,7 +104,7 @@ def member_names(components: tuple[ModuleConfig, ...]) -> list[str]:
     return [m if methods.count(m) == 1 else f"{m}_{i}" for i, m in enumerate(methods, start=1)]
 
 
-def _member(value: Any, where: str) -> ModuleConfig:
+def member_config(value: Any, where: str) -> ModuleConfig:
     """A member config from a config object, a method name or a {"method": ..., field: ...} mapping."""
     if isinstance(value, ModuleConfig):
         return value
@@ -132,7 +132,7 @@ def _members(value: Any, where: str) -> tuple[ModuleConfig, ...]:
             value = [v for v in text.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{where}: components must be a list of members, got {value!r}")
-    return tuple(_member(v, f"{where}: components[{i}]") for i, v in enumerate(value))
+    return tuple(member_config(v, f"{where}: components[{i}]") for i, v in enumerate(value))
 
 
 @register_method("union", UnionUnit, "several methods trained and saved as one module (a union config)")
