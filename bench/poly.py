@@ -3,6 +3,7 @@ per-task modules (issue 5's acceptance).
 
     .venv/bin/python bench/poly.py                      # the full run (3 seeds)
     .venv/bin/python bench/poly.py --seeds 0 --json     # one seed, JSON out
+    .venv/bin/python bench/poly.py --plot-dir runs/poly  # also the learned allocation of each seed (PNG)
 
 Data (`modfit.routing.skills_data`): tasks are pairs of word-category skills ("mentions an animal
 and a colour"); some pairs are held out. On the packaged MiniLM:
@@ -18,7 +19,7 @@ and a colour"); some pairs are held out. On the packaged MiniLM:
    - private: a fresh LoRA and head trained on the shots only;
 3. accuracy on `test` examples of each held-out task (balanced: chance is 0.5).
 
-`run(Settings(...))` is the experiment; tests/test_poly_learning.py runs a reduced one.
+`run(Settings(...))` is the experiment; tests/test_poly_learning.py (marked heavy) runs seed 0.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from modfit.base import load_base, load_tokenizer
 from modfit.batching import collate, encode
 from modfit.methods import poly
 from modfit.routing import skills_data as sd
+from modfit.routing.plot import module_allocation, plot_allocation
 from modfit.train import TrainSettings, evaluate, train
 
 METHODS = ("poly-alloc", "poly-skills", "shared", "private")
@@ -76,19 +78,6 @@ class Settings:
         return "-".join(str(getattr(self, f)).replace(" ", "") for f in (*fields, *more))
 
 
-# The reduced run of tests/test_poly_learning.py: 4 skills, 4 training tasks, 2 held out, no shared baseline.
-REDUCED: dict[str, Any] = dict(
-    n_skills_data=4,
-    heldout=2,
-    per_task=160,
-    test=100,
-    skills=4,
-    steps=120,
-    fs_steps=30,
-    methods=("poly-alloc", "private"),
-)
-
-
 def _collate(tokenizer: Any) -> Any:
     return lambda features: collate(features, tokenizer.pad_token_id)
 
@@ -97,10 +86,11 @@ def _settings(steps: int, lr: float, batch: int, seed: int) -> TrainSettings:
     return TrainSettings(steps=steps, lr=lr, batch_size=batch, seed=seed, warmup_ratio=0.1, progress=False)
 
 
-def run(s: Settings, log: Any = None, cache: Path | None = None) -> dict[str, Any]:
+def run(s: Settings, log: Any = None, cache: Path | None = None, plot: Path | None = None) -> dict[str, Any]:
     """The experiment; returns {"settings", "heldout", "accuracy": {method: {task: acc}}, "mean",
     "multitask": {...}, "seconds"}. With `cache`, the multi-task modules are saved there (per
-    `Settings.multitask_key`) and reused by later runs that differ only in the few-shot phase."""
+    `Settings.multitask_key`) and reused by later runs that differ only in the few-shot phase. With
+    `plot`, the multi-task module's learned task x skill allocation is drawn there (PNG)."""
     say = log or (lambda *a: None)
     start = time.perf_counter()
     torch.manual_seed(s.seed)
@@ -154,6 +144,10 @@ def run(s: Settings, log: Any = None, cache: Path | None = None) -> dict[str, An
         mm.add("poly", config, head=head)
         mm.activate("poly")
         fit("poly")
+    if needs_poly and plot is not None:
+        title = f"Polytropon allocation, seed {s.seed}\nheld out: {', '.join(t.name for t in new_tasks)}"
+        plot_allocation(module_allocation(mm, "poly"), plot, title=title)
+        say(f"allocation plot: {plot}")
     if "shared" in s.methods:
         lora = modfit.config("lora", r=s.rank, alpha=s.rank, targets=s.targets)
         mm.add("shared", lora, head=head)
@@ -209,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--cache", type=Path, help="keep the multi-task modules here and reuse them")
     parser.add_argument(
+        "--plot-dir", type=Path, help="draw each seed's allocation here (allocation-seedN.png)"
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a Settings field"
     )
     args = parser.parse_args(argv)
@@ -224,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in [int(x) for x in args.seeds.split(",")]:
         settings = replace(Settings(seed=seed), **overrides)
-        result = run(settings, log=None if args.json else lambda *a: print(*a, flush=True), cache=args.cache)
+        plot = args.plot_dir / f"allocation-seed{seed}.png" if args.plot_dir is not None else None
+        say = None if args.json else lambda *a: print(*a, flush=True)
+        result = run(settings, log=say, cache=args.cache, plot=plot)
         runs.append(result)
         if not args.json:
             means = ", ".join(f"{m} {v:.3f}" for m, v in result["mean"].items())

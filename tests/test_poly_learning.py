@@ -1,5 +1,5 @@
-"""Polytropon learning on the packaged MiniLM: a reduced run of bench/poly.py (shared-skill synthetic
-data; multi-task training, then few-shot adaptation to held-out tasks)."""
+"""Polytropon learning on the packaged MiniLM: seed 0 of bench/poly.py (shared-skill synthetic data;
+multi-task training, then few-shot adaptation to held-out tasks), and its allocation plot."""
 
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ def _bench() -> ModuleType:
     return module
 
 
-@pytest.mark.heavy  # not passing yet (Polytropon is in progress): run with `pytest -m heavy`
-def test_polytropon_transfers_to_new_tasks_from_few_shots() -> None:
+@pytest.mark.heavy  # about 7 minutes on one thread: run with `pytest -m heavy`
+def test_polytropon_transfers_to_new_tasks_from_few_shots(tmp_path: Path) -> None:
     bench = _bench()
-    settings = bench.Settings(**bench.REDUCED)
-    result = bench.run(settings)
+    png = tmp_path / "allocation.png"
+    result = bench.run(bench.Settings(seed=0), plot=png)
     accuracy = result["mean"]
-    # measured: see bench.REDUCED
-    assert result["multitask"]["poly"] > 0.75
-    assert accuracy["poly-alloc"] > 0.65
+    # measured (seed 0): poly-alloc 0.802, poly-skills 0.778, shared 0.703, private 0.667; multi-task 0.94
+    assert result["multitask"]["poly"] > 0.85
+    assert accuracy["poly-alloc"] > accuracy["shared"] + 0.03
     assert accuracy["poly-alloc"] > accuracy["private"] + 0.03
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
