@@ -38,14 +38,15 @@ unit: setup
 
 test: lint typecheck unit
 
-# The interop tests against the real PEFT, in a peer venv with transformers 4.57.x and peft 0.21.2
+# The interop tests against the real PEFT and adapters, in a peer venv with transformers 4.57.x, peft 0.21.2
+# and adapters 1.3.0
 # (scripts/peer_env.sh builds it once); not part of `make test`.
 PEER ?= $(VENV)/peer
 
 .PHONY: peer-test
 peer-test:
 	PYTHON=$(PYTHON) bash scripts/peer_env.sh $(PEER)
-	PYTHONPATH=src OMP_NUM_THREADS=1 $(PEER)/bin/python -m pytest -q -p no:cacheprovider tests/test_interop_peft*.py
+	PYTHONPATH=src OMP_NUM_THREADS=1 $(PEER)/bin/python -m pytest -q -p no:cacheprovider tests/test_interop_peft*.py tests/test_interop_adapters*.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .mypy_cache .ruff_cache

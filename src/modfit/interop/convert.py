@@ -60,7 +60,7 @@ def load_external(
     fmt = find_format(folder, format)
     imported = fmt.read(folder, mm.view)
     new_name = name or imported.name or default_name(folder)
-    mm.add(new_name, imported.config, task=imported.card.get("task"))
+    mm.add(new_name, imported.config, imported.head, task=imported.card.get("task"))
     try:
         _fill(mm, new_name, imported.tensors, folder)
     except BaseException:

@@ -24,6 +24,7 @@ import torch
 
 from ..atomic import atomic_write_group
 from ..config import ModuleConfig
+from ..heads import HeadConfig
 from ..targets import ModelView
 
 if TYPE_CHECKING:
@@ -45,12 +46,14 @@ class Imported:
         tensors: the units' tensors under modfit's file keys (`units.<site path>.<param>`).
         card: what the checkpoint says about itself, kept on the module's card (task, base name, ...).
         name: a suggested module name (None: the folder's name).
+        head: the module's task head, when the checkpoint has one (its tensors under `head.<param>`).
     """
 
     config: ModuleConfig
     tensors: dict[str, torch.Tensor]
     card: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    head: HeadConfig | None = None
 
 
 class ExternalFormat(ABC):
@@ -95,7 +98,7 @@ def register_format(fmt: ExternalFormat) -> ExternalFormat:
 
 
 def _ensure_builtin() -> None:
-    from . import peft  # noqa: F401  (registers itself)
+    from . import adapters, peft  # noqa: F401  (register themselves)
 
 
 def formats() -> list[str]:
