@@ -326,3 +326,42 @@ def test_fusion_both_directions(
     am2.eval()
     theirs2 = _run(am2, family)
     assert _record(f"modfit->adapters fusion of {label}", float((ours2 - theirs2).abs().max())) <= TOL
+
+
+# -- the other BERT-layout families ------------------------------------------------------------------
+
+OTHER = [c for c in CASES if c[0] in ("double_seq_bn", "par_bn_norms_gating", "lora", "ia3", "prefix")]
+
+
+@pytest.mark.parametrize("family_name", ["roberta", "xlm-roberta", "electra"])
+@pytest.mark.parametrize("case", OTHER, ids=[c[0] for c in OTHER])
+def test_other_families_both_directions(
+    case: tuple[str, Any, Any], family_name: str, tiny: Callable[[str], Family], tmp_path: Path
+) -> None:
+    label, make, config = case
+    family = tiny(family_name)
+    am = _ah_model(family)
+    am.add_adapter("x", config=make())
+    _randomise(_adapter_params(am, "x"), 1)
+    am.set_active_adapters("x")
+    am.eval()
+    theirs = _run(am, family)
+    am.save_adapter(str(tmp_path / "ah"), "x", use_safetensors=label not in BIN_ONLY)
+    model = family.build()
+    mm = modfit.wrap(model)
+    mm.activate(mm.load(tmp_path / "ah"))
+    diff = float((_run(model, family) - theirs).abs().max())
+    assert _record(f"adapters->modfit {label} ({family_name})", diff) <= TOL
+    model = family.build()
+    mm = modfit.wrap(model)
+    mm.add("y", config)
+    _randomise(list(module_state(mm, "y").values()), 2)
+    mm.activate("y")
+    ours = _run(model, family)
+    _changes(family, ours)
+    mm.save("y", tmp_path / "mf", format="adapters")
+    am = _ah_model(family)
+    am.load_adapter(str(tmp_path / "mf"), set_active=True, use_safetensors=True)
+    am.eval()
+    diff = float((ours - _run(am, family)).abs().max())
+    assert _record(f"modfit->adapters {label} ({family_name})", diff) <= TOL
