@@ -502,6 +502,10 @@ def test_refusals_of_files_and_keys(tiny: Any, tmp_path: Path) -> None:
     (legacy / "adapter_config.json").write_text(json.dumps({**wrapper, "version": "3.2.1"}))
     with pytest.raises(InteropError, match="adapter-transformers"):
         mm.load(legacy)
+    dora = tmp_path / "dora"
+    _write(dora, "d", {**LORA, "use_dora": True}, {}, False)
+    with pytest.raises(InteropError, match=r'"config\.use_dora" is true: adapters\' DoRA rescales the bias'):
+        mm.load(dora)
     fusion = tmp_path / "fusion"
     fusion.mkdir()
     dynamic = {

@@ -14,8 +14,9 @@ modfit's default (IA)³ the input of the second, so only output scalings convert
 The adapted projections, per layer (BERT's layout): `attn_matrices` q, k, v -> query, key, value (with
 `selfattn_lora`), `intermediate_lora` -> ffn_in (intermediate.dense), `output_lora` -> ffn_out
 (output.dense); `leave_out` -> layers. modfit modules on other projections (attn_out) or with different
-projections in different layers are refused on export, as DoRA (`use_dora`), VeRA (`vera_d`, `vera_b`),
-and rsLoRA (adapters has no sqrt(r) scaling).
+projections in different layers are refused on export, as rsLoRA (adapters has no sqrt(r) scaling);
+VeRA (`vera_d`, `vera_b`) and adapters' DoRA (`use_dora`: it rescales W x + b, the bias included, by
+m / ||W + BA||, the norm without the scaling) are refused on import.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def _roles(part: Part) -> tuple[str, ...]:
 def read_lora(part: Part, view: ModelView) -> Imported:
     """An adapters LoRA or (IA)³ adapter as a modfit lora / ia3 module."""
     require_layout(view, str(part.config_path))
+    if part.get("use_dora"):
+        raise InteropError(
+            f"{part.field('use_dora')} is true: adapters' DoRA rescales the bias too and takes the norm of "
+            "W + BA without the scaling, modfit's (as PEFT's and the paper's) neither, so it does not convert"
+        )
     part.check_fields(HANDLED)
     cfg = part.config
     mode = cfg.get("composition_mode", "add")
