@@ -94,7 +94,7 @@ def _args(data: Path, out: Path, *extra: str) -> list[str | Path]:
 def pfeiffer(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
     out = tmp_path_factory.mktemp("xl-out") / "en-sw"
     names = ("--source-lang", "en", "--target-lang", "sw", "--task-name", "ner")
-    return modfit_cli(*_args(data, out, *names, "--threads", "1")), out
+    return modfit_cli(*_args(data, out, *names, "--shared-head", "--threads", "1")), out
 
 
 @pytest.mark.slow

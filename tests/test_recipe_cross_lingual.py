@@ -50,6 +50,7 @@ def test_recipe_writes_table_modules_and_curves(files: Path, tmp_path: Path, met
         batch_size=4,
         max_length=32,
         extend_vocab=8 if method == "pfeiffer" else 0,
+        shared_head=method == "sft",  # the target module trains under the source's frozen MLM head
     )
     report = run_cross_lingual(spec)
     assert list(report.table) == ["task alone", "stack(source, task)", "stack(target, task)"]
@@ -67,6 +68,8 @@ def test_recipe_writes_table_modules_and_curves(files: Path, tmp_path: Path, met
         mm.load(out / name)
     mm.activate("stack(target, task)")
     assert mm.head_name == "task"
+    target_card = json.loads((out / "target" / "module.json").read_text())
+    assert (target_card.get("head") is None) == (method == "sft")  # a shared head is not the target's
     if method == "pfeiffer":
         card = json.loads((out / "target" / "module.json").read_text())
         assert [c["method"] for c in card["config"]["components"]] == ["pfeiffer_inv", "vocab"]
