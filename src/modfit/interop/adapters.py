@@ -74,7 +74,7 @@ class AdaptersFormat(ExternalFormat):
                 raise InteropError(
                     f"{folder}: neither {ADAPTER.config} nor {FUSION.config}; not an adapters folder"
                 )
-            return read_fusion(fusion, view, folder)
+            return read_fusion(fusion, view)
         version = str(part.wrapper.get("version") or "")
         if not version.startswith("adapters."):
             raise InteropError(

@@ -329,24 +329,23 @@ def write_bottleneck(mm: ModularModel, name: str, options: dict[str, Any]) -> Ex
     points = {site: path for path, (site, _, _) in bottleneck_points(view, config.placement).items()}
     tensors: dict[str, torch.Tensor] = {}
     shared_names = _shared_names(config) if isinstance(config, CompacterConfig) else {}
+    # modfit's unit layer -> adapters' (the down Linear is index 1 of adapter_down after its own norm)
+    theirs = {
+        "down": "adapter_down.1." if config.ln_before else "adapter_down.0.",
+        "up": "adapter_up.",
+        "ln_before": "adapter_norm_before.",
+        "ln_after": "adapter_norm_after.",
+        "gate": "gate.",
+    }
     for site, unit in mm.units(name):
         if site not in points:
             raise InteropError(f"module '{name}': no adapters bottleneck layer for site {site}")
         base = f"{points[site]}.adapters.{name}."
-        down = "adapter_down.1." if config.ln_before else "adapter_down.0."
         for key, value in cast(BottleneckUnit, unit).state_dict(keep_vars=True).items():
             layer, _, tensor = key.partition(".")
             if (layer, tensor) in shared_names:
                 tensors[f"shared_parameters.{name}.{shared_names[layer, tensor]}"] = value
-                continue
-            theirs = {
-                "down": down,
-                "up": "adapter_up.",
-                "ln_before": "adapter_norm_before.",
-                "ln_after": "adapter_norm_after.",
-                "gate": "gate.",
-            }
-            if key == "scaling":
+            elif key == "scaling":
                 tensors[base + "scaling"] = value
             elif layer in theirs:
                 tensors[base + theirs[layer] + tensor] = value

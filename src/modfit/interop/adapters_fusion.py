@@ -23,7 +23,6 @@ a modfit fusion exports only after its modules were exported under the same name
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -31,7 +30,7 @@ import torch
 from ..methods.bottleneck import BottleneckConfig
 from ..methods.fusion import FusionConfig, FusionUnit
 from ..targets import ModelView
-from .adapters_common import FUSION, Part, bottleneck_points, require_layout, wrapper
+from .adapters_common import Part, bottleneck_points, require_layout, wrapper
 from .registry import Imported, InteropError
 
 if TYPE_CHECKING:
@@ -85,7 +84,7 @@ def _children(mm: ModularModel, names: list[str], where: str, query_before_ln: b
     return configs[0]
 
 
-def read_fusion(part: Part, view: ModelView, folder: Path) -> Imported:
+def read_fusion(part: Part, view: ModelView) -> Imported:
     """An adapters fusion folder as a modfit fusion over the modules already on the model."""
     from ..model import wrap
 
@@ -173,6 +172,3 @@ def fusion_files(mm: ModularModel, name: str) -> tuple[dict[str, Any], dict[str,
         "dropout_prob": config.dropout or None,
     }
     return {"adapter_names": list(config.children), **wrapper(view, joined, fields)}, tensors
-
-
-FILES = FUSION
