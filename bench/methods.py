@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from typing import Any
+
+from _timing import peak_rss_kib, run_child, step_times
 
 
 def measure(method: str, batch: int, length: int, steps: int, warmup: int, threads: int) -> dict[str, Any]:
@@ -32,7 +31,7 @@ def measure(method: str, batch: int, length: int, steps: int, warmup: int, threa
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = peak_rss_kib()
     model = load_base("default")
     mm = modfit.wrap(model)
     head = modfit.head("seq-cls", ["a", "b"])
@@ -54,20 +53,19 @@ def measure(method: str, batch: int, length: int, steps: int, warmup: int, threa
     labels = torch.randint(0, 2, (batch,))
     mask = torch.ones_like(ids)
     mm.train()
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         loss = mm(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    times = step_times(step, warmup, steps)
+    peak_kib = peak_rss_kib()
     return {
         "method": method,
         "trainable_parameters": int(trainable),
-        "step_ms": 1000 * statistics.median(times),
+        "step_ms": statistics.median(times),
         "peak_rss_mib": peak_kib / 1024,
         "peak_rss_delta_mib": (peak_kib - rss_before) / 1024,
     }
@@ -106,11 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             str(args.length),
         ]
         command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            rows.append({"method": name, "error": done.stderr.strip().splitlines()[-1:]})
-        else:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        row = run_child(command)
+        rows.append({"method": name, **row} if "error" in row else row)
         if not args.json:
             _print_row(rows[-1])
     if args.json:

@@ -28,10 +28,10 @@ import copy
 import json
 import statistics
 import sys
-import time
 from typing import Any
 
 import torch
+from _timing import timed
 from transformers import BertConfig, BertModel
 
 import modfit
@@ -81,13 +81,6 @@ def peft_copy(clean: BertModel, mm: modfit.ModularModel, names: list[str]) -> An
                 layer.lora_A[name].weight.copy_(unit.lora_A)
                 layer.lora_B[name].weight.copy_(unit.lora_B)
     return model.eval()
-
-
-def timed(run: Any) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        run()
-    return (time.perf_counter() - start) * 1000
 
 
 def main() -> None:

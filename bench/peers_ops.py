@@ -1,0 +1,176 @@
+"""Inference latency, save/load and add/remove timings of modfit beside PEFT and `adapters` (bench/peers.py).
+
+Each function builds every system on its own copy of one base, then times them interleaved: every
+repeat runs each system once, in an order reversed on every other repeat, so load on the machine
+falls on all alike. Values are lists of ms, one per repeat; the caller takes medians.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from _timing import folder_bytes, timed
+from peers_build import Built, adapters_config, build, load_base, peft_config
+
+import modfit
+
+
+def _interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """ms of each run per repeat; the order flips every other repeat."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    order = list(runs)
+    for rep in range(repeats):
+        for label in order if rep % 2 == 0 else order[::-1]:
+            times[label].append(timed(runs[label]))
+    return times
+
+
+def inference(model: str, batch: int, length: int, repeats: int, peers: set[str]) -> dict[str, Any]:
+    """Forward latency (eval, no_grad) of the base, LoRA unmerged and merged (modfit, PEFT), and a
+    pfeiffer adapter and a fusion of 3 (modfit, adapters). Returns {"ms": {label: [...]}, "diff": ...}."""
+    base = load_base(model).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    runs: dict[str, Callable[[], object]] = {"base": lambda: base(input_ids=ids, attention_mask=mask)}
+    built: dict[str, Built] = {}
+    wanted = [("modfit", "lora"), ("modfit", "lora-merged")]
+    wanted += [(s, c) for s in ("peft",) if s in peers for c in ("lora", "lora-merged")]
+    wanted += [("modfit", "pfeiffer"), ("modfit", "fusion3")]
+    wanted += [(s, c) for s in ("adapters",) if s in peers for c in ("pfeiffer", "fusion3")]
+    for system, config in wanted:
+        one = build(system, config.removesuffix("-merged"), copy.deepcopy(base), head=False)
+        one.net.eval()
+        if config == "lora-merged":
+            if system == "modfit":
+                one.handle.merge("m")
+            else:
+                one.handle.merge_adapter()  # PEFT: W += BA, undone by unmerge_adapter()
+        built[f"{system}/{config}"] = one
+        runs[f"{system}/{config}"] = lambda one=one: one.hidden(ids, mask)
+    for run in runs.values():  # one warm-up each
+        timed(run)
+    return {"ms": _interleaved(runs, repeats), "batch": [batch, length]}
+
+
+def _savers(system: str, built: Built, tmp: Path) -> tuple[Callable[[str], Path], Callable[[Path, str], Any]]:
+    """(save(tag) -> folder, load(folder, tag) then remove what was loaded) for one system."""
+    handle = built.handle
+    if system == "modfit":
+
+        def save(tag: str) -> Path:
+            return Path(handle.save("m", tmp / tag))
+
+        def load(folder: Path, tag: str) -> None:
+            handle.load(folder, name=tag)
+            handle.remove(tag)
+
+    elif system == "peft":
+
+        def save(tag: str) -> Path:
+            handle.save_pretrained(str(tmp / tag))  # adapter_model.safetensors + adapter_config.json
+            return tmp / tag
+
+        def load(folder: Path, tag: str) -> None:
+            handle.load_adapter(str(folder), adapter_name=tag)
+            handle.delete_adapter(tag)
+
+    else:
+
+        def save(tag: str) -> Path:
+            handle.save_adapter(str(tmp / tag), "m", use_safetensors=True)
+            return tmp / tag
+
+        def load(folder: Path, tag: str) -> None:
+            name = handle.load_adapter(str(folder), load_as=tag, use_safetensors=True)
+            handle.delete_adapter(name)
+
+    return save, load
+
+
+PERSIST = {"lora": ("modfit", "peft", "adapters"), "pfeiffer": ("modfit", "adapters")}
+
+
+def persistence(model: str, repeats: int, peers: set[str]) -> dict[str, Any]:
+    """Save and load time (ms) and the size on disk of one module per system, interleaved."""
+    base = load_base(model)
+    out: dict[str, Any] = {"save_ms": {}, "load_ms": {}, "bytes": {}}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for config, systems in PERSIST.items():
+            ops = {}
+            for system in (s for s in systems if s == "modfit" or s in peers):
+                built = build(system, config, copy.deepcopy(base), head=False)
+                (tmp / system / config).mkdir(parents=True)
+                ops[f"{system}/{config}"] = _savers(system, built, tmp / system / config)
+            labels = list(ops)
+            for rep in range(repeats + 1):  # the first round is a warm-up
+                for label in labels if rep % 2 == 0 else labels[::-1]:
+                    save, load = ops[label]
+                    folder: list[Path] = []
+                    ms = timed(lambda save=save, rep=rep, folder=folder: folder.append(save(f"s{rep}")))
+                    out["bytes"][label] = folder_bytes(folder[0])
+                    load_ms = timed(lambda load=load, rep=rep, f=folder[0]: load(f, f"r{rep}"))
+                    if rep > 0:
+                        out["save_ms"].setdefault(label, []).append(ms)
+                        out["load_ms"].setdefault(label, []).append(load_ms)
+    return out
+
+
+def _lifecycle(system: str, config: str, base: torch.nn.Module, n: int) -> tuple[float, float]:
+    """ms to add `n` modules of `config` to a model already holding one, and to remove them again."""
+    built = build(system, config, base, head=False)
+    handle = built.handle
+    names = [f"x{i}" for i in range(n)]
+    if system == "modfit":
+        method, settings = {"lora": ("lora", {"r": 8, "alpha": 16, "targets": ("query", "value")})}.get(
+            config, (config, {"reduction_factor": 16})
+        )
+
+        def add() -> None:
+            for name in names:
+                handle.add(name, modfit.config(method, **settings))
+
+        def remove() -> None:
+            for name in names:
+                handle.remove(name)
+
+    elif system == "peft":
+
+        def add() -> None:
+            for name in names:
+                handle.add_adapter(name, peft_config(config))
+
+        def remove() -> None:
+            for name in names:
+                handle.delete_adapter(name)
+
+    else:
+
+        def add() -> None:
+            for name in names:
+                handle.add_adapter(name, config=adapters_config(config))
+
+        def remove() -> None:
+            for name in names:
+                handle.delete_adapter(name)
+
+    return timed(add), timed(remove)
+
+
+def add_remove(model: str, n: int, repeats: int, peers: set[str]) -> dict[str, Any]:
+    """Time to add and to remove `n` modules on one model, per system, interleaved over repeats."""
+    base = load_base(model)
+    out: dict[str, dict[str, list[float]]] = {"add_ms": {}, "remove_ms": {}}
+    labels = [(s, c) for c, systems in PERSIST.items() for s in systems if s == "modfit" or s in peers]
+    for rep in range(repeats):
+        for system, config in labels if rep % 2 == 0 else labels[::-1]:
+            add_ms, remove_ms = _lifecycle(system, config, copy.deepcopy(base), n)
+            out["add_ms"].setdefault(f"{system}/{config}", []).append(add_ms)
+            out["remove_ms"].setdefault(f"{system}/{config}", []).append(remove_ms)
+    return {**out, "modules": n}
