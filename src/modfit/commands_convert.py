@@ -1,11 +1,12 @@
-"""`modfit convert`: move a module between modfit's folder format and another library's (PEFT).
+"""`modfit convert`: move a module between modfit's folder format and another library's (PEFT, or
+AdapterHub adapters).
 
-    modfit convert --from peft ADAPTER_DIR --out MODULE_DIR [--base B] [--name N]
-    modfit convert --to peft MODULE_DIR --out ADAPTER_DIR [--base B] [--task causal-lm] [--drop-head]
+    modfit convert --from peft|adapters ADAPTER_DIR --out MODULE_DIR [--base B] [--name N]
+    modfit convert --to peft|adapters MODULE_DIR --out ADAPTER_DIR [--base B] [--task causal-lm] [--drop-head]
 
-The base is loaded because PEFT's files name modules of a model, not modfit sites: reading maps the
-names onto the base, writing names the modules of the model class the adapter will be loaded into
-(`--task`: the bare model, or one with a causal-LM, sequence- or token-classification head; by
+The base is loaded because PEFT's and adapters' files name modules of a model, not modfit sites:
+reading maps the names onto the base, writing names the modules of the model class the adapter will
+be loaded into (`--task`: the bare model, or one with a causal-LM, sequence- or token-classification head; by
 default the module's own head decides: causal-lm, else the bare model). Both directions write
 atomically (all files of the output folder, or none); errors name the file and the key or field.
 """
@@ -27,13 +28,21 @@ TASK_CLASSES = {
 
 def add_parser(sub: Any) -> None:
     """Add the `convert` subcommand to the CLI's subparsers (it sets `handler=cmd_convert`)."""
-    p = sub.add_parser("convert", help="convert a module from or to another library's format (peft)")
+    p = sub.add_parser(
+        "convert", help="convert a module from or to another library's format (peft, adapters)"
+    )
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument(
-        "--from", dest="from_format", metavar="FORMAT", help="DIR is in FORMAT (peft); write a modfit module"
+        "--from",
+        dest="from_format",
+        metavar="FORMAT",
+        help="DIR is in FORMAT (peft, adapters); write a modfit module",
     )
     direction.add_argument(
-        "--to", dest="to_format", metavar="FORMAT", help="DIR is a modfit module; write it in FORMAT (peft)"
+        "--to",
+        dest="to_format",
+        metavar="FORMAT",
+        help="DIR is a modfit module; write it in FORMAT (peft, adapters)",
     )
     p.add_argument("dir", metavar="DIR", help="the folder to convert")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
