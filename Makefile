@@ -36,17 +36,31 @@ TEST_WORKERS ?= 2
 unit: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
-test: lint typecheck unit
-
-# The interop tests against the real PEFT and adapters, in a peer venv with transformers 4.57.x, peft 0.21.2
-# and adapters 1.3.0
-# (scripts/peer_env.sh builds it once); not part of `make test`.
+# `make test`: the suite on this venv's transformers (5.x), then the fast suite again on transformers
+# 4.57.x with the peers installed (PEFT 0.21.2, adapters 1.3.0: their oracle tests run there). The peer
+# venv builds in the background while lint, mypy and the first suite run; its log is $(PEER_LOG).
 PEER ?= $(VENV)/peer
+PEER_LOG := $(VENV)/peer-build.log
 
-.PHONY: peer-test
-peer-test:
+test: setup
+	@set -e; \
+	PYTHON=$(PYTHON) bash scripts/peer_env.sh $(PEER) > $(PEER_LOG) 2>&1 & peer=$$!; \
+	if ! $(MAKE) --no-print-directory lint typecheck unit; then kill $$peer 2>/dev/null || true; exit 1; fi; \
+	if ! wait $$peer; then echo "building the peer venv failed:"; cat $(PEER_LOG); exit 1; fi; \
+	$(MAKE) --no-print-directory peer-unit
+
+# The fast tests (not `slow`, not `heavy`) on transformers 4.57.x, with PEFT and adapters importable.
+.PHONY: peer-env peer-unit peer-test
+peer-env:
 	PYTHON=$(PYTHON) bash scripts/peer_env.sh $(PEER)
-	PYTHONPATH=src OMP_NUM_THREADS=1 $(PEER)/bin/python -m pytest -q -p no:cacheprovider tests/test_interop_peft*.py tests/test_interop_adapters*.py
+
+peer-unit:
+	@echo "transformers 4.57 leg: $$($(PEER)/bin/python -c 'import transformers, peft, adapters; print("transformers", transformers.__version__, "peft", peft.__version__, "adapters", adapters.__version__)')"
+	$(PEER)/bin/python -m pytest -q -n $(TEST_WORKERS) -p no:cacheprovider -m "not slow and not heavy"
+
+# Only the interop tests against the real PEFT and adapters (quick, while working on interop).
+peer-test: peer-env
+	OMP_NUM_THREADS=1 $(PEER)/bin/python -m pytest -q -p no:cacheprovider tests/test_interop_peft*.py tests/test_interop_adapters*.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .mypy_cache .ruff_cache
