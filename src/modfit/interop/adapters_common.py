@@ -22,7 +22,6 @@ Pickled `.bin` files are read only with `torch.load(weights_only=True)`: tensors
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..targets import ModelView, ResolvedHookPoint, TargetError
-from .registry import Imported, InteropError
+from .registry import Handlers, Imported, InteropError, read_weights_only
 
 if TYPE_CHECKING:
     from ..model import ModularModel
@@ -135,26 +134,12 @@ def read_part(folder: Path, files: Files) -> Part | None:
             raise InteropError(f"{safe}: cannot read safetensors: {e}") from None
         weights = safe
     elif pickled.is_file():
-        tensors, weights = read_bin(pickled), pickled
+        tensors, weights = read_weights_only(pickled), pickled
     else:
         raise InteropError(
             f"{folder}: neither {files.safetensors} nor {files.bin} (the weights of {files.config})"
         )
     return Part(wrapper, wrapper["config"], tensors, config_path, weights)
-
-
-def read_bin(path: Path) -> dict[str, torch.Tensor]:
-    """A pickled state dict, unpickled with `weights_only=True`: tensors and plain containers only."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise InteropError(f"{path}: cannot read as a weights-only torch file: {first}") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise InteropError(f"{path}: not a state dict (a mapping of names to tensors)")
-    return state
 
 
 def family_prefix(view: ModelView) -> str:
@@ -246,28 +231,9 @@ Reader = Callable[[Part, ModelView], Imported]
 Export = tuple[dict[str, Any], dict[str, torch.Tensor]]
 Writer = Callable[["ModularModel", str, dict[str, Any]], Export]
 
-READERS: dict[str, Reader] = {}
-WRITERS: dict[str, Writer] = {}
-
-
-def reads(*architectures: str) -> Callable[[Reader], Reader]:
-    """Register a reader for these `config.architecture` values ("bottleneck" for absent/null)."""
-
-    def decorate(fn: Reader) -> Reader:
-        READERS.update(dict.fromkeys(architectures, fn))
-        return fn
-
-    return decorate
-
-
-def writes(*methods: str) -> Callable[[Writer], Writer]:
-    """Register a writer for modules of these modfit methods."""
-
-    def decorate(fn: Writer) -> Writer:
-        WRITERS.update(dict.fromkeys(methods, fn))
-        return fn
-
-    return decorate
+READERS: Handlers[Reader] = Handlers()  # by `config.architecture` ("bottleneck" for absent/null)
+WRITERS: Handlers[Writer] = Handlers()  # by modfit method
+reads, writes = READERS.register, WRITERS.register
 
 
 def number(value: float) -> int | float:

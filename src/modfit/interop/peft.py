@@ -23,11 +23,9 @@ by name (e.g. `"bias": "all"`, `lora_bias`, `modules_to_save`, LoRA on embedding
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -36,7 +34,7 @@ from ..persistence import base_name
 from ..targets import ModelView
 from . import peft_ia3, peft_lora, peft_prompt  # noqa: F401  (fill READERS and WRITERS)
 from .peft_common import BIN_FILE, CONFIG_FILE, READERS, SAFETENSORS_FILE, WRITERS, Checkpoint
-from .registry import ExternalFormat, Imported, InteropError, Writer, register_format
+from .registry import ExternalFormat, Imported, InteropError, Writer, read_weights_only, register_format
 
 if TYPE_CHECKING:
     from ..model import ModularModel
@@ -65,24 +63,10 @@ def read_checkpoint(folder: Path) -> Checkpoint:
             raise InteropError(f"{weights_path}: cannot read safetensors: {e}") from None
     elif (folder / BIN_FILE).is_file():
         weights_path = folder / BIN_FILE
-        tensors = _read_bin(weights_path)
+        tensors = read_weights_only(weights_path)
     else:
         raise InteropError(f"{folder}: neither {SAFETENSORS_FILE} nor {BIN_FILE} (the adapter's weights)")
     return Checkpoint(config, tensors, config_path, weights_path)
-
-
-def _read_bin(path: Path) -> dict[str, torch.Tensor]:
-    """A pickled state dict, unpickled with `weights_only=True`: tensors and plain containers only."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise InteropError(f"{path}: cannot read as a weights-only torch file: {first}") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise InteropError(f"{path}: not a state dict (a mapping of names to tensors)")
-    return state
 
 
 class PeftFormat(ExternalFormat):

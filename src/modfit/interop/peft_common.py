@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..targets import ModelView
-from .registry import Imported, InteropError
+from .registry import Handlers, Imported, InteropError
 
 if TYPE_CHECKING:
     from ..model import ModularModel
@@ -89,28 +89,9 @@ Reader = Callable[[Checkpoint, ModelView], Imported]
 Export = tuple[dict[str, Any], dict[str, torch.Tensor]]
 Writer = Callable[["ModularModel", str, dict[str, Any]], Export]
 
-READERS: dict[str, Reader] = {}
-WRITERS: dict[str, Writer] = {}
-
-
-def reads(*peft_types: str) -> Callable[[Reader], Reader]:
-    """Register a reader for these `peft_type` values."""
-
-    def decorate(fn: Reader) -> Reader:
-        READERS.update(dict.fromkeys(peft_types, fn))
-        return fn
-
-    return decorate
-
-
-def writes(*methods: str) -> Callable[[Writer], Writer]:
-    """Register a writer for modules of these modfit methods."""
-
-    def decorate(fn: Writer) -> Writer:
-        WRITERS.update(dict.fromkeys(methods, fn))
-        return fn
-
-    return decorate
+READERS: Handlers[Reader] = Handlers()  # by `peft_type`
+WRITERS: Handlers[Writer] = Handlers()  # by modfit method
+reads, writes = READERS.register, WRITERS.register
 
 
 def is_conv1d(module: nn.Module) -> bool:

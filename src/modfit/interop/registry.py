@@ -14,11 +14,12 @@ through a ModularModel live in `convert.py`; nothing here names a method.
 
 from __future__ import annotations
 
+import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -35,6 +36,39 @@ Writer = Callable[[str], None]
 
 class InteropError(ValueError):
     """A checkpoint of another library cannot be read or written; the message names the file and key."""
+
+
+H = TypeVar("H")
+
+
+class Handlers(dict[str, H]):
+    """A format's handlers by key (PEFT's `peft_type`, a modfit method, ...), filled by decorating each
+    handler with `@table.register(key, ...)`."""
+
+    def register(self, *keys: str) -> Callable[[H], H]:
+        def decorate(fn: H) -> H:
+            self.update(dict.fromkeys(keys, fn))
+            return fn
+
+        return decorate
+
+
+def read_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, unpickled with `weights_only=True`: tensors and plain containers only.
+
+    Raises:
+        InteropError: naming `path`, when it is no such file or holds anything but names and tensors.
+    """
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise InteropError(f"{path}: cannot read as a weights-only torch file: {first}") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise InteropError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
 
 
 @dataclass
