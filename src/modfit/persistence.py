@@ -233,7 +233,7 @@ def load_module(
     new_name = name or card["name"]
     mm.add(new_name, config, head, task=card.get("task"), language=card.get("language"))
     try:
-        _fill(mm, new_name, tensors, weights_path)
+        fill_module(mm, new_name, tensors, weights_path)
     except BaseException:
         mm.remove(new_name)
         raise
@@ -254,7 +254,7 @@ def load_weights(mm: ModularModel, name: str, directory: str | Path) -> None:
         ModuleFileError: a missing or unreadable file, or keys/shapes that do not fit.
     """
     weights_path = Path(directory) / WEIGHTS
-    _fill(mm, name, _read_weights(weights_path), weights_path)
+    fill_module(mm, name, _read_weights(weights_path), weights_path)
 
 
 def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
@@ -282,13 +282,27 @@ def module_state(mm: ModularModel, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _fill(mm: ModularModel, name: str, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
+def fill_module(
+    mm: ModularModel,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    source: Path,
+    *,
+    mismatch: str = "weights do not match the card's config",
+    error: type[ValueError] = ModuleFileError,
+) -> None:
+    """Copy `tensors` (module file keys, see `module_state`) into module `name`; every key must fit.
+
+    Raises:
+        `error` (ModuleFileError by default): naming `source`, for missing, unexpected or misshapen
+            tensors; `mismatch` says what that means for the caller's file.
+    """
     expected = module_state(mm, name)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ModuleFileError(
-            f"{weights_path}: weights do not match the card's config: "
+        raise error(
+            f"{source}: {mismatch}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
@@ -296,7 +310,5 @@ def _fill(mm: ModularModel, name: str, tensors: dict[str, torch.Tensor], weights
         for key, target in expected.items():
             value = tensors[key]
             if value.shape != target.shape:
-                raise ModuleFileError(
-                    f"{weights_path}: {key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
-                )
+                raise error(f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
             target.copy_(value.to(dtype=target.dtype, device=target.device))

@@ -14,9 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..persistence import module_state
+from ..persistence import fill_module
 from .registry import ExternalFormat, InteropError, detect_format, format_named
 
 if TYPE_CHECKING:
@@ -62,7 +60,14 @@ def load_external(
     new_name = name or imported.name or default_name(folder)
     mm.add(new_name, imported.config, imported.head, task=imported.card.get("task"))
     try:
-        _fill(mm, new_name, imported.tensors, folder)
+        fill_module(
+            mm,
+            new_name,
+            imported.tensors,
+            folder,
+            mismatch="the checkpoint's tensors do not fit the module they describe",
+            error=InteropError,
+        )
     except BaseException:
         mm.remove(new_name)
         raise
@@ -77,23 +82,3 @@ def save_external(mm: ModularModel, name: str, folder: str | Path, format: str, 
         InteropError: the format cannot hold this module (the message names the setting).
     """
     return format_named(format).write(mm, name, folder, **options)
-
-
-def _fill(mm: ModularModel, name: str, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    """Copy `tensors` (modfit file keys) into module `name`'s units; every key must fit exactly."""
-    expected = module_state(mm, name)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise InteropError(
-            f"{folder}: the checkpoint's tensors do not fit the module they describe: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    with torch.no_grad():
-        for key, target in expected.items():
-            value = tensors[key]
-            if value.shape != target.shape:
-                raise InteropError(
-                    f"{folder}: {key} has shape {tuple(value.shape)}, the unit expects {tuple(target.shape)}"
-                )
-            target.copy_(value.to(dtype=target.dtype, device=target.device))
