@@ -265,6 +265,20 @@ def test_version_and_help_return_zero(capsys: pytest.CaptureFixture[str]) -> Non
     assert "train" in ok(modfit_cli(capsys, "--help")).out
 
 
+def test_train_with_gradient_checkpointing(
+    capsys: pytest.CaptureFixture[str], bert: Path, data: Path, tmp_path: Path
+) -> None:
+    """--gradient-checkpointing: the same module as without it (same seed, no dropout in the tiny base)."""
+    outs = [tmp_path / "plain", tmp_path / "ckpt"]
+    for out, extra in zip(outs, [(), ("--gradient-checkpointing",)], strict=True):
+        torch.manual_seed(0)  # the new head's initialisation draws from the global generator
+        ok(modfit_cli(capsys, *_train_args(bert, "seq-cls", data / "train.csv", out, *extra)))
+    plain, ckpt = (load_file(str(out / WEIGHTS)) for out in outs)
+    assert plain.keys() == ckpt.keys()
+    for key in plain:
+        torch.testing.assert_close(ckpt[key], plain[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
 # -- seq-cls from CSV, TSV, JSONL --------------------------------------------------------------
 
 

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--steps", type=_positive_int)
     p.add_argument("--lr", type=float, help="learning rate (default: 1e-3, or 5e-4 for MLM)")
     p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute layer activations in backward instead of storing them (less memory, slower)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--checkpoint-every",

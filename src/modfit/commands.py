@@ -293,6 +293,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         lr=args.lr if args.lr is not None else (config.default_lr or default_lr),
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
+        gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed,
         checkpoint_dir=str(_checkpoint_dir(args)) if args.checkpoint_every else None,
         checkpoint_every=args.checkpoint_every,

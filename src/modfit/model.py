@@ -38,7 +38,7 @@ from .composition import (
 from .config import ModuleConfig
 from .heads import Head, HeadConfig, MaskedLmHead, build_head, head_loss
 from .registry import method_entry
-from .routing.context import RouteLike, as_route, current_route, repeated, routed
+from .routing.context import RouteLike, as_route, checkpoint_context, current_route, repeated, routed
 from .sites import Site, Unit
 from .targets import ModelView
 
@@ -465,6 +465,57 @@ class ModularModel(nn.Module):
         if self._composition is None or name not in self.active_names():
             self.activate(name)
         return params
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Activation checkpointing of the base model's layers (its own HF implementation): in training,
+        each layer's activations are recomputed during backward instead of stored, trading compute
+        for memory. The modules' hooks run again in the recomputation, under the same route. The HF
+        Trainer's `gradient_checkpointing=True` calls this (or `activation_checkpointing_enable`).
+
+        Args:
+            gradient_checkpointing_kwargs: passed to `torch.utils.checkpoint.checkpoint`; by default
+                the non-reentrant variant, with a `context_fn` that restores the call's route.
+
+        Raises:
+            ValueError: the base model does not support gradient checkpointing.
+        """
+        options: dict[str, Any] = {"use_reentrant": False, "context_fn": checkpoint_context}
+        options.update(gradient_checkpointing_kwargs or {})
+        if options.get("use_reentrant"):
+            options.pop("context_fn", None)  # reentrant checkpointing takes none
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(self.model).__name__} does not support gradient checkpointing")
+        model: Any = self.model
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """transformers 5.x's name for `gradient_checkpointing_enable`."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Store activations again (undoes `gradient_checkpointing_enable`)."""
+        for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+            disable = getattr(self.model, name, None)
+            if callable(disable):
+                disable()
+                return
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the base model's layers are checkpointed."""
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(self.model), name):
+                return bool(getattr(self.model, name))
+        return False
 
     def regularization(self) -> torch.Tensor | None:
         """The sum of the running units' auxiliary losses (`Unit.regularizer()`), or None if none has one.

@@ -86,6 +86,9 @@ class TrainSettings:
         log_every: add the mean training loss to the history every this many steps.
         stop_after_steps: stop once this global step is done, as if interrupted (no final
             checkpoint or evaluation); the schedule still spans the full run.
+        gradient_checkpointing: recompute the base model's layer activations during backward
+            instead of storing them (`ModularModel.gradient_checkpointing_enable`): less memory,
+            about one more forward pass of compute; the model's setting is restored afterwards.
     """
 
     epochs: float | None = None
@@ -104,6 +107,7 @@ class TrainSettings:
     progress: bool = True
     log_every: int = 10
     stop_after_steps: int | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check(
@@ -344,6 +348,9 @@ class _Run:
         if latest is not None:
             self._restore(latest)
         was_training = mm.model.training  # the HF model's flag: the wrapper's starts True regardless
+        was_checkpointing = mm.is_gradient_checkpointing
+        if s.gradient_checkpointing and not was_checkpointing:
+            mm.gradient_checkpointing_enable()
         bar = tqdm(
             total=self.total,
             initial=self.step,
@@ -401,6 +408,8 @@ class _Run:
         finally:
             bar.close()
             mm.train(was_training)
+            if s.gradient_checkpointing and not was_checkpointing:
+                mm.gradient_checkpointing_disable()
         if stopped:
             metrics = {}
         return TrainResult(self.history, metrics, self.resumed_from, self.step, self.total)

@@ -16,7 +16,7 @@ and composition nodes read it with `current_route()` / `route_ids(...)`. A plain
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
 
@@ -55,6 +55,24 @@ def routed(value: RouteLike | None) -> Iterator[Route | None]:
     token = _CURRENT.set(as_route(value))
     try:
         yield _CURRENT.get()
+    finally:
+        _CURRENT.reset(token)
+
+
+def checkpoint_context() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
+    """`context_fn` for `torch.utils.checkpoint` (non-reentrant): the recomputation of a checkpointed
+    layer runs during backward, after the forward call and its route are gone; this puts the very same
+    route object back for it (the same object, so per-pass caches keyed by it, such as Polytropon's
+    relaxed-Bernoulli sample, are found again). Returns (forward context, recompute context)."""
+    route = _CURRENT.get()
+    return nullcontext(), _restoring(route)
+
+
+@contextmanager
+def _restoring(route: Route | None) -> Iterator[None]:
+    token = _CURRENT.set(route)
+    try:
+        yield
     finally:
         _CURRENT.reset(token)
 
