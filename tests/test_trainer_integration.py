@@ -7,6 +7,7 @@ Two ways in: `Trainer(model=mm)` uses the module's own head (head mode, `Modular
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -67,6 +68,28 @@ def test_trainer_trains_module_in_head_mode(tmp_path: Any) -> None:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0]
     assert evaluate(mm, dev, collate_fn=collate_fn)["loss"] < before_loss
+
+
+def test_trainer_with_activation_checkpointing(tmp_path: Any) -> None:
+    """The Trainer's checkpointing switch (`activation_checkpointing` in transformers 5,
+    `gradient_checkpointing` before) reaches the base model through `mm`, and training still works."""
+    mm = seq_cls_model()
+    mm.train_only("task")
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    switch = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = _args(tmp_path, max_steps=4, **{switch: True})
+    seen = []
+
+    def collate(features: Any) -> Any:
+        seen.append(mm.is_gradient_checkpointing)
+        return collate_fn(features)
+
+    trainer = transformers.Trainer(
+        model=mm, args=args, train_dataset=seq_cls_features(32), data_collator=collate
+    )
+    trainer.train()
+    assert seen and all(seen)
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
 
 
 def test_trainer_trains_hf_task_model_with_module_inside(tmp_path: Any) -> None:

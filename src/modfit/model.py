@@ -467,19 +467,26 @@ class ModularModel(nn.Module):
         return params
 
     def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+        self,
+        gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
     ) -> None:
         """Activation checkpointing of the base model's layers (its own HF implementation): in training,
         each layer's activations are recomputed during backward instead of stored, trading compute
         for memory. The modules' hooks run again in the recomputation, under the same route. The HF
-        Trainer's `gradient_checkpointing=True` calls this (or `activation_checkpointing_enable`).
+        Trainer's `activation_checkpointing=True` (`gradient_checkpointing=True` before transformers 5)
+        calls this.
 
         Args:
             gradient_checkpointing_kwargs: passed to `torch.utils.checkpoint.checkpoint`; by default
                 the non-reentrant variant, with a `context_fn` that restores the call's route.
+            every_n_layers, offload: transformers 5's options (every n-th layer only; saved inputs in
+                host memory).
 
         Raises:
-            ValueError: the base model does not support gradient checkpointing.
+            ValueError: the base model does not support gradient checkpointing, or the options need
+                transformers 5.
         """
         options: dict[str, Any] = {"use_reentrant": False, "context_fn": checkpoint_context}
         options.update(gradient_checkpointing_kwargs or {})
@@ -489,15 +496,22 @@ class ModularModel(nn.Module):
             raise ValueError(f"{type(self.model).__name__} does not support gradient checkpointing")
         model: Any = self.model
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=options, every_n_layers=every_n_layers, offload=offload
+            )
+        elif every_n_layers != 1 or offload:
+            raise ValueError("every_n_layers and offload need transformers 5's activation checkpointing")
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
     def activation_checkpointing_enable(
-        self, activation_checkpointing_kwargs: dict[str, Any] | None = None
+        self,
+        activation_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
     ) -> None:
-        """transformers 5.x's name for `gradient_checkpointing_enable`."""
-        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+        """transformers 5.x's name for `gradient_checkpointing_enable` (the HF Trainer calls it)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def gradient_checkpointing_disable(self) -> None:
         """Store activations again (undoes `gradient_checkpointing_enable`)."""
