@@ -71,7 +71,16 @@ from ..config import ModuleConfig, check
 from ..registry import register_method
 from ..sites import Attachment, SiteCall, Unit
 from ..targets import ModelView, TargetError, projection_shape
-from .prompt import _Ref, bind_inputs, claims_cache, extend_mask, new_cache, shift_positions
+from .prompt import (
+    _Ref,
+    bind_inputs,
+    claims_cache,
+    extend_mask,
+    get_cache,
+    new_cache,
+    put_cache,
+    shift_positions,
+)
 
 
 class _Table:
@@ -160,16 +169,16 @@ class PrefixStackUnit(Unit):
         gets its own module's prefix; see `batched_before`."""
         stack = self._stack.module
         if stack.training and getattr(stack, "is_gradient_checkpointing", False):
-            # transformers' checkpointed layers set past_key_values=None: the prefix would silently vanish
+            # transformers' checkpointed layers drop the cache: the prefix would silently vanish
             raise RuntimeError(
                 "prefix tuning keeps a causal stack's virtual keys/values in its cache, which transformers "
                 "drops under gradient checkpointing; disable gradient checkpointing to train it"
             )
         kwargs = bind_inputs(stack, args, kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(stack, kwargs)
         if cache is None:
             cache = new_cache(getattr(stack, "config", None), self.cross_attention)
-            kwargs["past_key_values"] = cache
+        put_cache(stack, kwargs, cache)
         tokens = _tokens(kwargs)  # also checks that input_ids or inputs_embeds is given
         batch, n = int(tokens.shape[0]), self.n
         index = rows(batch, tokens.device) if rows is not None else None

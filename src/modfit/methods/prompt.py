@@ -80,6 +80,33 @@ def bind_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
+_CACHE_KEYWORDS: dict[type, str] = {}  # per model class: its forward's signature does not change
+
+
+def cache_keyword(module: nn.Module) -> str:
+    """The keyword of a stack's key/value cache: `cache` from transformers 5.24 on (which ignores a
+    `past_key_values` given beside it), `past_key_values` before."""
+    kind = type(module)
+    if kind not in _CACHE_KEYWORDS:
+        names = inspect.signature(module.forward).parameters
+        _CACHE_KEYWORDS[kind] = "cache" if "cache" in names else "past_key_values"
+    return _CACHE_KEYWORDS[kind]
+
+
+def get_cache(module: nn.Module, kwargs: dict[str, Any]) -> Any:
+    """The cache this call of `module` carries, under either keyword (None: none)."""
+    cache = kwargs.get(cache_keyword(module))
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def put_cache(module: nn.Module, kwargs: dict[str, Any], cache: Any) -> None:
+    """Give this call of `module` `cache`, under the keyword its forward reads (and only that one)."""
+    key = cache_keyword(module)
+    if key != "past_key_values":
+        kwargs.pop("past_key_values", None)
+    kwargs[key] = cache
+
+
 def extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """Prepend n "attend" columns to a 2-D padding mask (B, L) -> (B, n + L); None stays None."""
     if mask is None:
@@ -200,10 +227,12 @@ class PromptUnit(Unit):
     def before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         kwargs = bind_inputs(self._stack.module, args, kwargs)
         n = self.n
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(self._stack.module, kwargs)
         if self.causal and cache is None and _use_cache(self._stack.module, kwargs):
             # Build the cache the model would build, so that a manual loop passing it back is recognised.
-            cache = kwargs["past_key_values"] = new_cache(_config(self._stack.module))
+            cache = new_cache(_config(self._stack.module))
+        if cache is not None:
+            put_cache(self._stack.module, kwargs, cache)
         prepend = claims_cache(cache, self) if self.causal else True
         self._call.prepended = prepend
         kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), n)
@@ -258,9 +287,11 @@ class PromptUnit(Unit):
         first = next(u for u in units if u is not None)
         stack, n = first._stack.module, first.n
         kwargs = bind_inputs(stack, args, kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(stack, kwargs)
         if first.causal and cache is None and _use_cache(stack, kwargs):
-            cache = kwargs["past_key_values"] = new_cache(_config(stack))
+            cache = new_cache(_config(stack))
+        if cache is not None:
+            put_cache(stack, kwargs, cache)
         prepend = claims_cache(cache, first) if first.causal else True
         embeds, ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
         reference = embeds if embeds is not None else ids
