@@ -34,7 +34,7 @@ typecheck: setup
 TEST_WORKERS ?= 2
 
 unit: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 # `make test`: the suite on this venv's transformers (5.x), then the fast suite again on transformers
 # 4.57.x with the peers installed (PEFT 0.21.2, adapters 1.3.0: their oracle tests run there). The peer
@@ -56,7 +56,7 @@ peer-env:
 
 peer-unit:
 	@echo "transformers 4.57 leg: $$($(PEER)/bin/python -c 'import transformers, peft, adapters; print("transformers", transformers.__version__, "peft", peft.__version__, "adapters", adapters.__version__)')"
-	$(PEER)/bin/python -m pytest -q -n $(TEST_WORKERS) -p no:cacheprovider -m "not slow and not heavy"
+	$(PEER)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -p no:cacheprovider -m "not slow and not heavy"
 
 # Only the interop tests against the real PEFT and adapters (quick, while working on interop).
 peer-test: peer-env
