@@ -22,7 +22,7 @@ def _bench() -> ModuleType:
     return module
 
 
-@pytest.mark.heavy  # about 11 minutes on one thread (under load): run with `pytest -m heavy`
+@pytest.mark.heavy  # 10 min 53 s on one thread: run with `pytest -m heavy`
 def test_polytropon_transfers_to_new_tasks_from_few_shots(tmp_path: Path) -> None:
     bench = _bench()
     png = tmp_path / "allocation.png"
