@@ -12,7 +12,6 @@ was.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -21,7 +20,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,8 @@ import transformers
 from safetensors.torch import load_file
 
 import modfit
+from cli_run import Run
+from cli_run import run_cli as quiet_cli  # for module-scoped fixtures, which cannot use capsys
 from modfit import cli, commands
 from modfit.persistence import CARD, WEIGHTS
 from train_fixtures import SEQ_LABELS, TAGS, bert_config, tiny_tokenizer
@@ -46,30 +46,12 @@ BERT_BASE_PARAMETERS = 109_482_240  # BertModel(BertConfig()), pooler included
 # -- running the command -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Run:
-    status: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
 def modfit_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> Run:
     """`modfit ARGV...` in this process; its exit status and what it printed."""
     capsys.readouterr()  # drop anything printed before
     status = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return Run(status, captured.out, captured.err)
-
-
-def quiet_cli(*argv: str | Path) -> Run:
-    """`modfit_cli` for module-scoped fixtures, which cannot use capsys."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main([str(a) for a in argv])
-    return Run(status, out.getvalue(), err.getvalue())
 
 
 def ok(run: Run) -> Run:

@@ -9,38 +9,18 @@ by bench/cross_lingual.py). The saved modules must combine again from their fold
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from modfit import cli
+from cli_run import Run
+from cli_run import run_cli as modfit_cli
 
 KINDS = {"paris": "LOC", "london": "LOC", "bob": "PER", "alice": "PER", "google": "ORG", "acme": "ORG"}
 OTHER = ["the", "went", "to", "saw", "in", "today", "with", "a", "big", "house"]
 TINY = ("--mlm-steps", "2", "--task-steps", "2", "--batch-size", "4", "--max-length", "32")
-
-
-@dataclass(frozen=True)
-class Run:
-    status: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-def modfit_cli(*argv: str | Path) -> Run:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main([str(a) for a in argv])
-    return Run(status, out.getvalue(), err.getvalue())
 
 
 def _sentence(rng: random.Random) -> list[tuple[str, str]]:

@@ -7,14 +7,10 @@ folder with the tokenizer of `train_fixtures` for the command line.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -22,8 +18,8 @@ import transformers
 from safetensors.torch import load_file
 
 import modfit
+from cli_run import Run, run_cli
 from conftest import FAMILIES
-from modfit import cli
 from modfit.compose.fusion_weights import FusionWeights, format_table, fusion_weights, plot_fusion_weights
 from modfit.methods.fusion import recording, set_mask
 from modfit.persistence import CARD, WEIGHTS
@@ -162,23 +158,6 @@ def test_heatmap_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 # -- the command line -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    status: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-def run_cli(*argv: str | Path) -> Run:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main([str(a) for a in argv])
-    return Run(status, out.getvalue(), err.getvalue())
 
 
 def ok(run: Run) -> Run:
