@@ -16,20 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, commands_recipe
+from .argtypes import positive_int
 
 # OSError: a file or folder that cannot be read or written (a missing base, an --out that is a folder).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, ModuleNotFoundError)
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a usage error otherwise, before anything is loaded)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
@@ -43,8 +33,8 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="load modules trained on a base with the same architecture but other weights",
     )
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--max-length", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, default=128)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -89,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", help="language code recorded on the module card")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--epochs", type=float)
-    group.add_argument("--steps", type=_positive_int)
+    group.add_argument("--steps", type=positive_int)
     p.add_argument("--lr", type=float, help="learning rate (default: 1e-3, or 5e-4 for MLM)")
-    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -100,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--checkpoint-every",
-        type=_positive_int,
+        type=positive_int,
         metavar="STEPS",
         help="write a resumable checkpoint every N steps",
     )
@@ -158,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the merged task vector")
     p.add_argument("--seed", type=int, default=0, help="seeds DARE's drop")
     p.add_argument("--to", default="same", help="same (the modules' method), lora, sft, or full (a model)")
-    p.add_argument("--rank", type=_positive_int, help="LoRA rank of the result (default: lossless)")
+    p.add_argument("--rank", type=positive_int, help="LoRA rank of the result (default: lossless)")
     p.add_argument("--head", default="first", help="first, average, none, or a loaded module's name")
     p.add_argument(
         "--base-weight", type=float, metavar="LAMBDA0", help="--method fisher: Elastic Weight Removal's λ0"
@@ -183,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="y drawn from the model (the Fisher, default) or the data's labels (the empirical Fisher)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=_positive_int, default=128)
+    p.add_argument("--max-length", type=positive_int, default=128)
     p.add_argument("--out", metavar="DIR", help="folder for fisher.safetensors (default: the --load folder)")
     p.add_argument("--json", action="store_true")
 

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .argtypes import non_negative_int, positive_int
+
 # The recipe's flags of its input files, by `CrossLingualSpec` field (checked before anything loads).
 INPUT_FLAGS = {
     "source_text": "--source-text",
@@ -23,23 +25,6 @@ INPUT_FLAGS = {
     "train": "--train",
     "eval_target": "--eval-target",
 }
-
-
-def _positive_int(text: str) -> int:
-    from .cli import _positive_int as positive
-
-    return positive(text)
-
-
-def _count(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_parsers(sub: Any) -> None:
@@ -74,20 +59,32 @@ def add_parsers(sub: Any) -> None:
         choices=["pfeiffer", "sft"],
         help="pfeiffer: Pfeiffer + invertible language adapters, a Pfeiffer task adapter; sft: LT-SFT diffs",
     )
-    p.add_argument("--mlm-steps", type=_positive_int, default=1000, help="steps of each language module")
-    p.add_argument("--task-steps", type=_positive_int, default=600, help="steps of the task module")
+    p.add_argument("--mlm-steps", type=positive_int, default=1000, help="steps of each language module")
+    p.add_argument("--task-steps", type=positive_int, default=600, help="steps of the task module")
     p.add_argument("--mlm-lr", type=float, help="learning rate of the language modules (default 1e-3)")
     p.add_argument("--task-lr", type=float, help="learning rate of the task module (default 1e-3)")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--max-length", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, default=128)
     p.add_argument(
-        "--extend-vocab", type=_count, default=0, metavar="N", help="learn N new target word pieces (0: none)"
+        "--extend-vocab",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="learn N new target word pieces (0: none)",
     )
     p.add_argument(
-        "--max-text-lines", type=_count, default=0, metavar="N", help="cap on raw-text lines (0: all)"
+        "--max-text-lines",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="cap on raw-text lines (0: all)",
     )
     p.add_argument(
-        "--max-train-sentences", type=_count, default=0, metavar="N", help="cap on task sentences (0: all)"
+        "--max-train-sentences",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="cap on task sentences (0: all)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -112,7 +109,7 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help="train the target language module under the source module's frozen MLM head",
     )
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true")
 
 
