@@ -21,18 +21,15 @@ Pickled `.bin` files are read only with `torch.load(weights_only=True)`: tensors
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ..targets import ModelView, ResolvedHookPoint, TargetError
-from .registry import Handlers, Imported, InteropError, read_weights_only
+from .registry import Handlers, Imported, InteropError, read_json, read_tensors
 
 if TYPE_CHECKING:
     from ..model import ModularModel
@@ -120,25 +117,10 @@ def read_part(folder: Path, files: Files) -> Part | None:
     config_path = folder / files.config
     if not config_path.is_file():
         return None
-    try:
-        wrapper = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InteropError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    wrapper = read_json(config_path)
     if not isinstance(wrapper, dict) or not isinstance(wrapper.get("config"), dict):
         raise InteropError(f'{config_path}: no "config" mapping; not an adapters config')
-    safe, pickled = folder / files.safetensors, folder / files.bin
-    if safe.is_file():
-        try:
-            tensors = load_file(str(safe))
-        except (SafetensorError, OSError) as e:
-            raise InteropError(f"{safe}: cannot read safetensors: {e}") from None
-        weights = safe
-    elif pickled.is_file():
-        tensors, weights = read_weights_only(pickled), pickled
-    else:
-        raise InteropError(
-            f"{folder}: neither {files.safetensors} nor {files.bin} (the weights of {files.config})"
-        )
+    tensors, weights = read_tensors(folder, files.safetensors, files.bin, f"the weights of {files.config}")
     return Part(wrapper, wrapper["config"], tensors, config_path, weights)
 
 

@@ -26,15 +26,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from ..atomic import json_writer, safetensors_writer
 from ..persistence import base_name
 from ..targets import ModelView
 from . import peft_ia3, peft_lora, peft_prompt  # noqa: F401  (fill READERS and WRITERS)
 from .peft_common import BIN_FILE, CONFIG_FILE, READERS, SAFETENSORS_FILE, WRITERS, Checkpoint
-from .registry import ExternalFormat, Imported, InteropError, Writer, read_weights_only, register_format
+from .registry import ExternalFormat, Imported, InteropError, Writer, read_json, read_tensors, register_format
 
 if TYPE_CHECKING:
     from ..model import ModularModel
@@ -49,23 +46,10 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise InteropError(f"{config_path}: missing; {folder} is not a PEFT adapter folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InteropError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    config = read_json(config_path)
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise InteropError(f'{config_path}: no "peft_type"; not a PEFT adapter config')
-    weights_path = folder / SAFETENSORS_FILE
-    if weights_path.is_file():
-        try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError) as e:
-            raise InteropError(f"{weights_path}: cannot read safetensors: {e}") from None
-    elif (folder / BIN_FILE).is_file():
-        weights_path = folder / BIN_FILE
-        tensors = read_weights_only(weights_path)
-    else:
-        raise InteropError(f"{folder}: neither {SAFETENSORS_FILE} nor {BIN_FILE} (the adapter's weights)")
+    tensors, weights_path = read_tensors(folder, SAFETENSORS_FILE, BIN_FILE, "the adapter's weights")
     return Checkpoint(config, tensors, config_path, weights_path)
 
 

@@ -14,6 +14,7 @@ through a ModularModel live in `convert.py`; nothing here names a method.
 
 from __future__ import annotations
 
+import json
 import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..atomic import atomic_write_group
 from ..config import ModuleConfig
@@ -51,6 +54,37 @@ class Handlers(dict[str, H]):
             return fn
 
         return decorate
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value.
+
+    Raises:
+        InteropError: naming `path` and the line, for invalid JSON.
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InteropError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def read_tensors(
+    folder: Path, safetensors: str, pickled: str, what: str
+) -> tuple[dict[str, torch.Tensor], Path]:
+    """(tensors, the file read): `folder/safetensors`, else the pickled `folder/pickled` (weights only).
+
+    Raises:
+        InteropError: neither file is there (`what` says whose weights they are), or one is unreadable.
+    """
+    safe = folder / safetensors
+    if safe.is_file():
+        try:
+            return load_file(str(safe)), safe
+        except (SafetensorError, OSError) as e:
+            raise InteropError(f"{safe}: cannot read safetensors: {e}") from None
+    if (folder / pickled).is_file():
+        return read_weights_only(folder / pickled), folder / pickled
+    raise InteropError(f"{folder}: neither {safetensors} nor {pickled} ({what})")
 
 
 def read_weights_only(path: Path) -> dict[str, torch.Tensor]:
