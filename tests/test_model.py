@@ -461,6 +461,40 @@ def test_head_mode_mlm(tiny: Callable[[str], Family], name: str) -> None:
     assert all(p is not embeddings for p in mm.module_parameters("a"))  # the decoder is tied, frozen
 
 
+@pytest.mark.parametrize("method", ["lora", "pfeiffer_inv"])
+def test_mlm_training_scores_only_the_labelled_positions(tiny: Callable[[str], Family], method: str) -> None:
+    """In training mode (dropout 0 here) the MLM head scores the labelled rows only: the same loss and
+    gradients as the full (batch, seq, vocab) scores of evaluation mode, logits (targets, vocab)."""
+    family = tiny("bert")
+    mm = modfit.wrap(family.build())
+    mm.add("a", modfit.config(method), head=modfit.head("mlm"))
+    _randomise(mm, "a")
+    mm.activate("a")
+    inputs = family.encoder_inputs()
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[0, 1], labels[0, 4], labels[1, 3] = 7, 11, 13
+
+    def run(train: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        mm.train(train)
+        mm.zero_grad()
+        out = mm(**inputs, labels=labels)
+        out.loss.backward()
+        return out.loss.detach(), out.logits.detach(), [p.grad.clone() for p in mm.module_parameters("a")]
+
+    full_loss, full_logits, full_grads = run(train=False)
+    loss, logits, grads = run(train=True)
+    assert full_logits.shape == (2, 7, 100) and logits.shape == (3, 100)
+    torch.testing.assert_close(logits, full_logits[labels != -100], rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, full_loss, rtol=0, atol=1e-6)
+    for got, want in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    labels.fill_(-100)  # nothing masked: a zero loss that still backpropagates, not NaN
+    mm.train()
+    out = mm(**inputs, labels=labels)
+    assert out.loss.item() == 0.0 and out.logits.shape == (0, 100)
+    out.loss.backward()
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_head_mode_causal_lm(tiny: Callable[[str], Family], name: str) -> None:
     family = tiny(name)

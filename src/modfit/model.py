@@ -70,7 +70,8 @@ class ModularOutput(ModelOutput):
     """Head-mode output: `loss` (when labels were given), `logits`, and the last hidden states.
 
     Under `parallel(...)` (or a `batchsplit(...)` whose branches have different heads) `logits` is a
-    tuple, one entry per branch, and `hidden_states` holds the replicated batch."""
+    tuple, one entry per branch, and `hidden_states` holds the replicated batch. An MLM head in
+    training mode with labels scores only the labelled positions: `logits` is (targets, vocab)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | tuple[torch.Tensor, ...] | None = None
@@ -718,6 +719,13 @@ class ModularModel(nn.Module):
         self, name: str, hidden: torch.Tensor, mask: torch.Tensor | None, labels: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         built = self.container.head(name)
+        if isinstance(built, MaskedLmHead) and labels is not None and self.model.training:
+            # Training MLM scores only the masked positions: the decoder over the whole vocabulary is
+            # the costliest matmul of a step, and ~85% of positions carry no target. `logits` is then
+            # (targets, vocab), one row per labelled position in row-major order (like ModernBERT's
+            # sparse prediction); evaluation (and labels=None) keeps (batch, seq, vocab).
+            chosen = labels != -100  # (batch, seq)
+            hidden, labels = hidden[chosen], labels[chosen]  # (targets, hidden), (targets,)
         if built.config.task in ("mlm", "causal-lm"):
             hidden = self._invert(hidden)
         # A head is kept in at least float32 (like the units); a half-precision base feeds it in its own
