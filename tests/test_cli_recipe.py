@@ -124,6 +124,25 @@ def test_saved_modules_combine_in_eval(
 
 
 @pytest.mark.slow
+def test_extended_vocabulary_module_evaluates_with_its_pieces(data: Path, tmp_path: Path) -> None:
+    """A target module with new word pieces: `modfit eval` tokenizes with them (the extended
+    tokenizer is rebuilt from the module's card), so it reproduces the recipe's stack(sw, ner) F1."""
+    out = tmp_path / "vocab"
+    names = ("--source-lang", "en", "--target-lang", "sw", "--task-name", "ner")
+    run = modfit_cli(*_args(data, out, *names, "--extend-vocab", "8", "--threads", "1"))
+    assert run.status == 0, run.err
+    card = json.loads((out / "sw" / "module.json").read_text())
+    assert "vocab" in json.dumps(card["config"])
+    evaluated = modfit_cli(
+        "eval", "--data", data / "sw_as_o.conll", "--max-length", "32", "--json",
+        "--load", out / "sw", "--load", out / "ner", "--compose", "stack(sw,ner)",
+    )  # fmt: skip
+    assert evaluated.status == 0, evaluated.err
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert evaluated.json()["metrics"]["f1"] == pytest.approx(table["stack(sw, ner)"]["f1"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_sft_json(data: Path, tmp_path: Path) -> None:
     run = modfit_cli(*_args(data, tmp_path / "sft", "--method", "sft", "--json"))
     assert run.status == 0, run.err

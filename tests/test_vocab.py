@@ -10,7 +10,13 @@ import torch
 
 import modfit
 from modfit.methods.vocab import VocabUnit
-from modfit.vocabulary import VocabularyError, extended_tokenizer, initialise_lexically, learn_pieces
+from modfit.vocabulary import (
+    VocabularyError,
+    active_tokenizer,
+    extended_tokenizer,
+    initialise_lexically,
+    learn_pieces,
+)
 
 TEXTS = [
     "wanafunzi walikwenda shuleni jana asubuhi",
@@ -116,6 +122,28 @@ def test_save_load_identical(
     with torch.no_grad():
         after = other(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_active_tokenizer_reads_the_running_extension(
+    minilm: torch.nn.Module, minilm_tokenizer: Any, pieces: list[str]
+) -> None:
+    """`modfit eval` tokenizes with what the active composition reads: the base tokenizer, or the
+    one extended by a running module's pieces (their new ids), never two extensions at once."""
+    mm = _extended_model(minilm, minilm_tokenizer, pieces)
+    text = TEXTS[0]
+    extended = active_tokenizer(mm, minilm_tokenizer)
+    assert extended(text)["input_ids"] == extended_tokenizer(minilm_tokenizer, pieces)(text)["input_ids"]
+    assert max(extended(text)["input_ids"]) >= len(minilm_tokenizer)
+    mm.add("plain", modfit.config("pfeiffer"))
+    mm.activate("plain")
+    assert active_tokenizer(mm, minilm_tokenizer) is minilm_tokenizer
+    mm.add("sw2", mm.records["sw"].config)
+    mm.activate("stack(sw, sw2)")
+    with pytest.raises(VocabularyError, match="modules sw, sw2 each extend the vocabulary"):
+        active_tokenizer(mm, minilm_tokenizer)
+    mm.activate("sw")
+    with pytest.raises(VocabularyError, match="module 'sw' extends a vocabulary of 30522 pieces"):
+        active_tokenizer(mm, extended)
 
 
 def test_only_wordpiece_tokenizers() -> None:

@@ -435,7 +435,9 @@ def _setup_loaded(args: argparse.Namespace) -> tuple[ModularModel, Any, HeadConf
         raise ValueError(f"no module in the composition {mm.active} has a task head")
     head = mm.records[mm.head_name].head
     assert head is not None
-    return mm, _tokenizer(args.base), head
+    from .vocabulary import active_tokenizer
+
+    return mm, active_tokenizer(mm, _tokenizer(args.base)), head
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:

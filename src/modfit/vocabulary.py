@@ -99,6 +99,37 @@ def extended_tokenizer(tokenizer: Any, pieces: Sequence[str]) -> Any:
     return extended
 
 
+def active_tokenizer(mm: ModularModel, tokenizer: Any) -> Any:
+    """The tokenizer the active composition reads: `tokenizer` itself, or, when a running module
+    extends the vocabulary, `tokenizer` extended by its pieces (so its new ids are used).
+
+    Raises:
+        VocabularyError: two running modules extend the vocabulary (their new pieces would claim the
+            same ids), or one was learned for a base vocabulary of another size.
+    """
+    from .methods.vocab import VocabConfig
+
+    found: list[tuple[str, VocabConfig]] = []
+    for name in mm.active_names():
+        config = mm.records[name].config
+        found += [(name, c) for c in getattr(config, "components", (config,)) if isinstance(c, VocabConfig)]
+    if not found:
+        return tokenizer
+    if len(found) > 1:
+        raise VocabularyError(
+            f"modules {', '.join(n for n, _ in found)} each extend the vocabulary; "
+            "their new pieces take the same ids, so activate one of them at a time"
+        )
+    ((name, vocab),) = found
+    # base_vocab 0 means the model's embedding rows (see VocabConfig)
+    expected = vocab.base_vocab or int(cast(Any, mm.model).get_input_embeddings().weight.shape[0])
+    if expected != len(tokenizer):
+        raise VocabularyError(
+            f"module '{name}' extends a vocabulary of {expected} pieces; this tokenizer has {len(tokenizer)}"
+        )
+    return extended_tokenizer(tokenizer, vocab.tokens)
+
+
 @torch.no_grad()
 def initialise_lexically(mm: ModularModel, name: str, tokenizer: Any) -> int:
     """Set each new piece's embedding to the mean embedding of the base pieces it splits into.
