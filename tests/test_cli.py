@@ -253,12 +253,31 @@ def test_train_with_gradient_checkpointing(
     """--gradient-checkpointing: the same module as without it (same seed, no dropout in the tiny base)."""
     outs = [tmp_path / "plain", tmp_path / "ckpt"]
     for out, extra in zip(outs, [(), ("--gradient-checkpointing",)], strict=True):
-        torch.manual_seed(0)  # the new head's initialisation draws from the global generator
         ok(modfit_cli(capsys, *_train_args(bert, "seq-cls", data / "train.csv", out, *extra)))
     plain, ckpt = (load_file(str(out / WEIGHTS)) for out in outs)
     assert plain.keys() == ckpt.keys()
     for key in plain:
         torch.testing.assert_close(ckpt[key], plain[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_seed_fixes_the_initial_module_and_head(
+    capsys: pytest.CaptureFixture[str], bert: Path, data: Path, tmp_path: Path
+) -> None:
+    """--seed decides the new module's and head's initial weights too: the same command gives the
+    same module whatever the global generator held before; another seed gives another one."""
+    outs = {}
+    for run, (seed, noise) in enumerate([(0, 1), (0, 2), (1, 1)]):
+        torch.manual_seed(noise)  # what the process drew before must not matter
+        outs[run] = tmp_path / f"run{run}"
+        ok(
+            modfit_cli(
+                capsys, *_train_args(bert, "seq-cls", data / "train.csv", outs[run], "--seed", str(seed))
+            )
+        )
+    first, again, other = (load_file(str(outs[i] / WEIGHTS)) for i in range(3))
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    assert any(not torch.equal(first[key], other[key]) for key in first)
 
 
 # -- seq-cls from CSV, TSV, JSONL --------------------------------------------------------------

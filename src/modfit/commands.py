@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import registry
 from .base import load_base, load_tokenizer, resolve_base
 from .batching import MlmCollator, collate, encode
@@ -263,6 +265,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = _tokenizer(args.base)
     mm = wrap(_base_model(args.base, task))
     loaded = _load_modules(mm, args)
+    # --seed fixes the new module's and its head's initial weights too, not only the data order:
+    # the same command twice gives the same module.
+    torch.manual_seed(args.seed)
     mm.add(name, config, head, task=task, language=args.language)
     _activate(mm, [*loaded, name], compose, head=name)  # the new module's head, wherever it stands
     active = mm.active
