@@ -27,6 +27,7 @@ from .data import DataError, TextExample, TokenExample, label_list, read_example
 from .heads import HeadConfig
 from .model import ModularModel, wrap
 from .persistence import read_card
+from .vocabulary import active_tokenizer
 
 LM_TASKS = ("mlm", "causal-lm")
 # A base folder with a tokenizer holds at least one of these (fast, WordPiece, BPE, SentencePiece).
@@ -440,8 +441,6 @@ def _setup_loaded(args: argparse.Namespace) -> tuple[ModularModel, Any, HeadConf
         raise ValueError(f"no module in the composition {mm.active} has a task head")
     head = mm.records[mm.head_name].head
     assert head is not None
-    from .vocabulary import active_tokenizer
-
     return mm, active_tokenizer(mm, _tokenizer(args.base)), head
 
 

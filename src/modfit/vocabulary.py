@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from .model import ModularModel
+
+if TYPE_CHECKING:
+    from .methods.vocab import VocabConfig
 
 
 class VocabularyError(ValueError):
@@ -99,6 +102,15 @@ def extended_tokenizer(tokenizer: Any, pieces: Sequence[str]) -> Any:
     return extended
 
 
+def _vocab_config(mm: ModularModel, name: str) -> VocabConfig | None:
+    """Module `name`'s vocabulary extension: its config, or its union member's; None without one."""
+    from .methods.vocab import VocabConfig
+
+    config = mm.records[name].config
+    members = getattr(config, "components", (config,))
+    return next((c for c in members if isinstance(c, VocabConfig)), None)
+
+
 def active_tokenizer(mm: ModularModel, tokenizer: Any) -> Any:
     """The tokenizer the active composition reads: `tokenizer` itself, or, when a running module
     extends the vocabulary, `tokenizer` extended by its pieces (so its new ids are used).
@@ -107,12 +119,7 @@ def active_tokenizer(mm: ModularModel, tokenizer: Any) -> Any:
         VocabularyError: two running modules extend the vocabulary (their new pieces would claim the
             same ids), or one was learned for a base vocabulary of another size.
     """
-    from .methods.vocab import VocabConfig
-
-    found: list[tuple[str, VocabConfig]] = []
-    for name in mm.active_names():
-        config = mm.records[name].config
-        found += [(name, c) for c in getattr(config, "components", (config,)) if isinstance(c, VocabConfig)]
+    found = [(name, c) for name in mm.active_names() if (c := _vocab_config(mm, name)) is not None]
     if not found:
         return tokenizer
     if len(found) > 1:
@@ -140,11 +147,9 @@ def initialise_lexically(mm: ModularModel, name: str, tokenizer: Any) -> int:
     Raises:
         VocabularyError: module `name` has no vocabulary extension.
     """
-    from .methods.vocab import VocabConfig, VocabUnit
+    from .methods.vocab import VocabUnit
 
-    config = mm.records[name].config
-    members = getattr(config, "components", (config,))
-    vocab_config = next((c for c in members if isinstance(c, VocabConfig)), None)
+    vocab_config = _vocab_config(mm, name)
     units = [p for _, u in mm.units(name) for p in u.parts() if isinstance(p, VocabUnit)]
     if vocab_config is None or not units:
         raise VocabularyError(f"module '{name}' has no vocabulary extension (method 'vocab')")
