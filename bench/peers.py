@@ -21,7 +21,9 @@ every system, are in bench/peers_build.py. Parts (`--parts`):
   resident memory above what the process held before loading the model (ru_maxrss, as
   bench/methods.py). Every (configuration, system, repeat) runs in its own subprocess so the peak is
   its own; repeats interleave the systems, their order reversed every other repeat. `full` (all
-  weights trained, plain transformers) is the reference row.
+  weights trained, plain transformers) is the reference row. `--compile modfit` (or `modfit,peft`)
+  adds those systems' steps through `torch.compile` (inductor) as systems `modfit+compile` ...;
+  their compilation falls in the warm-up steps, and their peak memory includes it.
 - `infer`: forward latency in eval mode of the base, LoRA unmerged and merged (modfit, PEFT), a
   pfeiffer adapter and a fusion of 3 (modfit, `adapters`), in one process, interleaved.
 - `persist`: save and load time of one LoRA and one pfeiffer module, and their size on disk.
@@ -51,6 +53,7 @@ from _timing import peak_rss_kib, reset_peak_rss, rss_kib, run_child, step_times
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("check", "train", "infer", "persist", "addremove", "mixed")
+COMPILED = "+compile"  # a system's name with this suffix: its training step through torch.compile
 
 
 def measure_train(
@@ -70,7 +73,11 @@ def measure_train(
     before = reset_peak_rss()
     base = load_base(model)
     loaded = rss_kib()
+    system, compiled = system.removesuffix(COMPILED), system.endswith(COMPILED)
     built = build(system, config, base)
+    # the whole loss (model, module, head) through torch.compile's default (inductor) backend; the
+    # warm-up steps pay the compilation, the peak memory includes it
+    loss_fn = torch.compile(built.loss) if compiled else built.loss
     optimizer = torch.optim.AdamW(built.params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (batch, length), generator=g)
@@ -79,7 +86,7 @@ def measure_train(
     built.net.train()
 
     def step() -> None:
-        built.loss(ids, mask, labels).backward()
+        loss_fn(ids, mask, labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -100,6 +107,7 @@ def run_train(args: argparse.Namespace, model: str, configs: dict[str, tuple[str
     for rep in range(args.repeats):
         for config, peers in configs.items():
             systems = ["plain"] if config == "full" else ["modfit", *peers]
+            systems += [s + COMPILED for s in systems if s in args.compile.split(",")]
             for system in systems if rep % 2 == 0 else systems[::-1]:
                 command = [sys.executable, __file__, "--child", f"{config}:{system}:{model}"]
                 command += [
@@ -146,12 +154,14 @@ def print_train(model: str, rows: dict[str, Any]) -> None:
                 f"| full (reference) | - | - | {_fmt(ms)} | - | - | {_fmt(mib)} | - | - | {_fmt(over)} | - |"
             )
             continue
-        for peer in (s for s in by_system if s != "modfit"):
-            cells = []
-            for key in keys:
-                ours, theirs = med(config, "modfit", key), med(config, peer, key)
-                cells += [_fmt(ours), _fmt(theirs), _ratio(ours, theirs)]
-            print(f"| {config} | {peer} | {' | '.join(cells)} |")
+        for system in (s for s in by_system if s.startswith("modfit")):
+            for peer in (s for s in by_system if not s.startswith("modfit")):
+                cells = []
+                for key in keys:
+                    ours, theirs = med(config, system, key), med(config, peer, key)
+                    cells += [_fmt(ours), _fmt(theirs), _ratio(ours, theirs)]
+                label = config + (" (modfit compiled)" if system.endswith(COMPILED) else "")
+                print(f"| {label} | {peer} | {' | '.join(cells)} |")
 
 
 def print_pairs(
@@ -282,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--compile",
+        default="",
+        metavar="SYSTEMS",
+        help="`train`: also run these systems (modfit, peft, adapters) through torch.compile",
+    )
     parser.add_argument("--modules", type=int, default=100, help="modules added and removed in `addremove`")
     parser.add_argument("--json", action="store_true", help="print every value as JSON at the end")
     parser.add_argument("--out", help="write every value as JSON to this file")

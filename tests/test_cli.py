@@ -260,6 +260,18 @@ def test_train_with_gradient_checkpointing(
         torch.testing.assert_close(ckpt[key], plain[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+def test_train_compiled(capsys: pytest.CaptureFixture[str], bert: Path, data: Path, tmp_path: Path) -> None:
+    """--compile BACKEND trains through torch.compile: the same module as eager training (aot_eager
+    here: dynamo and AOTAutograd without code generation, so the test stays fast)."""
+    outs = [tmp_path / "eager", tmp_path / "compiled"]
+    for out, extra in zip(outs, [(), ("--compile", "aot_eager")], strict=True):
+        ok(modfit_cli(capsys, *_train_args(bert, "seq-cls", data / "train.csv", out, *extra)))
+    eager, compiled = (load_file(str(out / WEIGHTS)) for out in outs)
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
 def test_seed_fixes_the_initial_module_and_head(
     capsys: pytest.CaptureFixture[str], bert: Path, data: Path, tmp_path: Path
 ) -> None:

@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="recompute layer activations in backward instead of storing them (less memory, slower)",
     )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="train through torch.compile (default backend: inductor); the first steps compile",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--checkpoint-every",

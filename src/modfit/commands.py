@@ -300,6 +300,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile or False,
         seed=args.seed,
         checkpoint_dir=str(_checkpoint_dir(args)) if args.checkpoint_every else None,
         checkpoint_every=args.checkpoint_every,

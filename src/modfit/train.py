@@ -33,9 +33,10 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import (
@@ -89,6 +90,12 @@ class TrainSettings:
         gradient_checkpointing: recompute the base model's layer activations during backward
             instead of storing them (`ModularModel.gradient_checkpointing_enable`): less memory,
             about one more forward pass of compute; the model's setting is restored afterwards.
+        compile: run the training forward and backward through `torch.compile` (True: the
+            default inductor backend; a string names another backend, e.g. "aot_eager"). The
+            graph holds the model's hooks, so the modules run in it; activating, removing or
+            merging modules later recompiles rather than reusing a stale graph. The first steps
+            pay the compilation (about a minute for MiniLM on a CPU); in exchange the compiled
+            step stores fewer activations (see the README's benchmarks).
     """
 
     epochs: float | None = None
@@ -108,6 +115,7 @@ class TrainSettings:
     log_every: int = 10
     stop_after_steps: int | None = None
     gradient_checkpointing: bool = False
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         check(
@@ -147,6 +155,12 @@ class TrainSettings:
             value = getattr(self, name)
             check(value is None or value >= 1, "train", name, f"must be >= 1 or None, got {value}")
         check(self.log_every >= 1, "train", "log_every", f"must be >= 1, got {self.log_every}")
+        check(
+            isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile != ""),
+            "train",
+            "compile",
+            f"must be True, False or a torch.compile backend name, got {self.compile!r}",
+        )
         for name in ("checkpoint_every", "resume"):
             check(
                 not getattr(self, name) or self.checkpoint_dir is not None,
@@ -341,6 +355,9 @@ class _Run:
         head = mm.records[mm.head_name].head if mm.head_name is not None else None
         self.task = head.task if head is not None else None
         self.forward = procs.loss_forward(mm, self.device)  # in DDP under torchrun
+        if s.compile:
+            backend = "inductor" if s.compile is True else s.compile
+            self.forward = cast(nn.Module, torch.compile(self.forward, backend=backend))
 
     def run(self) -> TrainResult:
         s, mm = self.s, self.mm
