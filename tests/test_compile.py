@@ -66,7 +66,11 @@ def test_module_compiles_into_one_graph_with_the_eager_output(method: str) -> No
 
 @pytest.mark.parametrize(
     ("method", "params"),
-    [("prompt", {}), ("poly", {"tasks": ("a", "b"), "n_skills": 2, "r": 2})],
+    [
+        ("prompt", {}),
+        ("poly", {"tasks": ("a", "b"), "n_skills": 2, "r": 2}),
+        ("hyperx", {"tasks": ("a", "b"), "languages": ("x", "y"), "bottleneck_size": 4, "lora_r": 2}),
+    ],
 )
 def test_module_with_graph_breaks_still_computes_the_eager_output(
     method: str, params: dict[str, Any]
@@ -78,7 +82,11 @@ def test_module_with_graph_breaks_still_computes_the_eager_output(
     _randomised(mm, "m", seed=2)
     mm.activate("m")
     ids = torch.randint(3, 24, (2, 7))
-    kwargs = {"task_ids": torch.tensor([1, 0])} if method == "poly" else {}
+    kwargs: dict[str, torch.Tensor] = {}
+    if method in ("poly", "hyperx"):
+        kwargs["task_ids"] = torch.tensor([1, 0])
+    if method == "hyperx":
+        kwargs["language_ids"] = torch.tensor([0, 1])
     eager = mm(input_ids=ids, **kwargs).logits
     compiled = torch.compile(mm, backend="aot_eager")(input_ids=ids, **kwargs).logits
     assert (compiled - eager).abs().max() < 1e-6
