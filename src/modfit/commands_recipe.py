@@ -107,7 +107,7 @@ def add_parsers(sub: Any) -> None:
         "--shared-head",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="train the target language module under the source module's frozen MLM head",
+        help="train the target language module under the source module's frozen MLM head (default: on)",
     )
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true")

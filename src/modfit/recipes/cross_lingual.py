@@ -73,7 +73,9 @@ class CrossLingualSpec:
         whole_word_masking: MLM masks whole words (all pieces of a word together), else single pieces.
         shared_head: the target language module trains under the source module's MLM head, frozen
             (as MAD-X trains every language adapter under the one pretrained, frozen MLM head), so both
-            language modules map into the space one head reads; else it trains its own head.
+            language modules map into the space one head reads; else it trains its own head. On by
+            default: measured on MiniLM English -> Swahili, it is what makes the swap help (the
+            README's cross-lingual table: 25.5 F1 against 7.9 with an own head).
     """
 
     base: str
@@ -100,7 +102,7 @@ class CrossLingualSpec:
     target_lang: str = "target"
     task_name: str = "task"
     whole_word_masking: bool = True
-    shared_head: bool = False
+    shared_head: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in get_args(LanguageMethod):
