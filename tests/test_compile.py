@@ -139,3 +139,18 @@ def test_compiled_training_equals_eager_training() -> None:
 def test_compile_setting_must_be_a_flag_or_a_backend_name(value: Any) -> None:
     with pytest.raises(ConfigError, match=r"train\.compile: must be True, False or a torch\.compile backend"):
         TrainSettings(compile=value)
+
+
+@pytest.mark.parametrize("method", ["lora", "pfeiffer", "houlsby"])
+def test_second_call_reuses_the_graph(method: str) -> None:
+    # The sites' per-call state (the residual stash, the bypass flag) exists from the first call on,
+    # so nothing the hooks read changes shape between calls and the second call replays the graph.
+    mm = modfit.wrap(tiny_bert())
+    mm.add("m", modfit.config(method))
+    mm.activate("m")
+    ids = torch.randint(3, 24, (2, 7))
+    compiled = torch.compile(mm.model, backend="aot_eager")
+    compiled(input_ids=ids).last_hidden_state.sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            compiled(input_ids=ids).last_hidden_state.sum().backward()

@@ -106,7 +106,11 @@ def test_lora_32_rows_over_16_modules_equal_single_module_runs(family: str) -> N
     route = [names[(5 * b) % 16] for b in range(32)]
     mixed = _mixed(model, mm, names, inputs, route)
     assert _kernels(mm) == {"LoraUnit"}
-    torch.testing.assert_close(mixed, _rows_alone(model, mm, inputs, route), rtol=0, atol=1e-5)
+    # The mixed kernel sums in another order than one module alone: float32 roundoff, which T5's
+    # unscaled attention scores (no 1/sqrt(d)) amplify over encoder and decoder: 1.0e-5 measured on
+    # transformers 4.57.6, 1.3e-5 on 5.25.0, against about 1e-6 for the other families.
+    atol = 3e-5 if family == "t5" else 1e-5
+    torch.testing.assert_close(mixed, _rows_alone(model, mm, inputs, route), rtol=0, atol=atol)
 
 
 def test_lora_rows_without_a_module_are_the_base_output_exactly() -> None:

@@ -34,6 +34,16 @@ from .archs import InputRef
 from .targets import ResolvedHookPoint
 
 
+class _PerThread(threading.local):
+    """A site's per-call state, per thread. `threading.local` runs `__init__` in every thread that
+    touches it, so both fields are in the instance dict from the first call on: `torch.compile`'s
+    guards then see the same attributes on every call and do not recompile on the second."""
+
+    def __init__(self) -> None:
+        self.residual: torch.Tensor | None = None  # from the residual pre-hook, for the output hook
+        self.bypass = False  # set while `_rerun` calls the watched module without this site
+
+
 @dataclass
 class SiteCall:
     """What a unit sees of one call of the watched module.
@@ -177,7 +187,7 @@ class Site(nn.Module):
         self._editors: list[Unit] = []  # active units with `before()`
         self._plain_output = True  # no active unit wants the raw output
         self._input_hooked = False
-        self._stash = threading.local()  # the residual captured by the pre-hook, per thread
+        self._stash = _PerThread()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._handles.append(target.register_forward_hook(self._on_output, with_kwargs=True))
 
@@ -250,7 +260,7 @@ class Site(nn.Module):
     # -- hooks -------------------------------------------------------------------------------
 
     def _bypassed(self) -> bool:
-        return bool(getattr(self._stash, "bypass", False))
+        return self._stash.bypass
 
     def _rerun(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The watched module on other inputs, without this site's hooks (they would recurse)."""
@@ -284,7 +294,7 @@ class Site(nn.Module):
         active = self._active
         if not active or self._bypassed():
             return None  # leave the output untouched
-        residual = getattr(self._stash, "residual", None)
+        residual = self._stash.residual
         self._stash.residual = None  # do not keep activations alive after this call
         raw_args = args
         if not args and kwargs:
