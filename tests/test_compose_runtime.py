@@ -11,6 +11,7 @@ import torch
 import modfit
 from conftest import FAMILIES
 from modfit.composition import CompositionError
+from modfit.methods.fusion import FusionUnit
 
 
 def _randomise(mm: modfit.ModularModel, name: str, seed: int) -> None:
@@ -175,6 +176,39 @@ def test_fusion_formula_at_one_site() -> None:
         expected = torch.einsum("bln,blnw->blw", alpha, unit.value(o))
         mm.activate("fuse(m0, m1)")
         torch.testing.assert_close(site(x), expected, rtol=0, atol=1e-5)
+
+
+def test_fusion_unit_equals_the_explicit_keys_and_values_with_gradients() -> None:
+    # FusionUnit.fuse skips the n keys and values (Kᵀq and V of the mixed outputs); the explicit
+    # formula, keys and values per branch, must give the same output and the same gradients.
+    torch.manual_seed(0)
+    unit = FusionUnit(width=16, n=3, temperature=0.5)
+    with torch.no_grad():
+        for layer in (unit.query, unit.key, unit.value):
+            layer.weight.normal_(0, 0.3)
+            layer.bias.normal_(0, 0.3)
+    # 2 x 5 tokens take the per-token path (fewer tokens than width 16), 4 x 9 the folded Kᵀ Q
+    for tokens in ((2, 5), (4, 9)):
+        _check_fusion_unit(unit, tokens)
+
+
+def _check_fusion_unit(unit: FusionUnit, tokens: tuple[int, int]) -> None:
+    h = torch.randn(*tokens, 16, requires_grad=True)
+    o = torch.randn(*tokens, 3, 16, requires_grad=True)
+    cotangent = torch.randn(*tokens, 16)
+    grads = []
+    for explicit in (False, True):
+        if explicit:
+            scores = torch.einsum("blw,blnw->bln", unit.query(h), unit.key(o)) / 0.5
+            out = torch.einsum("bln,blnw->blw", torch.softmax(scores, dim=-1), unit.value(o))
+        else:
+            out = unit.fuse(h, o)
+        leaves = [h, o, *unit.parameters()]
+        grads.append((out, torch.autograd.grad((out * cotangent).sum(), leaves)))
+    (fast, fast_grads), (slow, slow_grads) = grads
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -66,17 +66,31 @@ class FusionUnit(Unit):
         return h
 
     def fuse(self, h: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        """h (..., width) and the branch outputs (..., n, width) -> the fused output (..., width)."""
+        """h (..., width) and the branch outputs (..., n, width) -> the fused output (..., width).
+
+        Computed without the n keys and n values. With q = Q h + b_q and K, V linear,
+            q . k_i = (Kᵀ q) . o_i + q . b_k          (the last term is the same for every i)
+            sum_i alpha_i v_i = V (sum_i alpha_i o_i) + b_v      (the alpha_i sum to 1)
+        and Kᵀ q = (Kᵀ Q) h + Kᵀ b_q: per token two width x width products (Kᵀ Q and V) instead of
+        1 + 2n, and the backward stores no (n, width) keys or values. Equal to the formula in the
+        module docstring up to float roundoff (tested against it, gradients included).
+        """
         dtype = self.query.weight.dtype
-        q = self.query(h.to(dtype))  # (..., width)
-        o = outputs.to(dtype)
-        k = self.key(o)  # (..., n, width)
-        scores = torch.einsum("...w,...nw->...n", q, k) / self.temperature
-        alpha = torch.softmax(self.dropout(scores), dim=-1)  # (..., n)
+        x = h.to(dtype)  # (..., width)
+        o = outputs.to(dtype)  # (..., n, width)
+        wq, bq, wk, bk = self.query.weight, self.query.bias, self.key.weight, self.key.bias
+        if x.numel() > x.shape[-1] ** 2:  # more tokens than width: fold Kᵀ Q once (width³)
+            q_in_branch_space = x @ (wk.T @ wq).T + bq @ wk  # (..., width): Kᵀ q as a row vector
+            q_dot_bk = x @ (wq.T @ bk) + bq @ bk  # (...,): q . b_k
+        else:  # a few tokens: two products per token are cheaper than the width³ fold
+            q = self.query(x)
+            q_in_branch_space, q_dot_bk = q @ wk, q @ bk
+        scores = torch.einsum("...w,...nw->...n", q_in_branch_space, o) + q_dot_bk.unsqueeze(-1)
+        alpha = torch.softmax(self.dropout(scores / self.temperature), dim=-1)  # (..., n)
         if self._record is not None:
             self._accumulate(alpha.detach())
-        fused = torch.einsum("...n,...nw->...w", alpha, self.value(o))
-        return fused.to(h.dtype)
+        mixed = torch.einsum("...n,...nw->...w", alpha, o)  # (..., width)
+        return self.value(mixed).to(h.dtype)
 
     def _accumulate(self, alpha: torch.Tensor) -> None:
         """Add the weights of the real tokens (per the recording's mask) to the running sums."""
