@@ -182,7 +182,7 @@ def test_fusion_unit_equals_the_explicit_keys_and_values_with_gradients() -> Non
     # FusionUnit.fuse skips the n keys and values (Kᵀq and V of the mixed outputs); the explicit
     # formula, keys and values per branch, must give the same output and the same gradients.
     torch.manual_seed(0)
-    unit = FusionUnit(width=16, n=3, temperature=0.5)
+    unit = FusionUnit(width=16, n=3, temperature=0.5).double()  # float64: the algebra, not roundoff
     with torch.no_grad():
         for layer in (unit.query, unit.key, unit.value):
             layer.weight.normal_(0, 0.3)
@@ -193,22 +193,22 @@ def test_fusion_unit_equals_the_explicit_keys_and_values_with_gradients() -> Non
 
 
 def _check_fusion_unit(unit: FusionUnit, tokens: tuple[int, int]) -> None:
-    h = torch.randn(*tokens, 16, requires_grad=True)
-    o = torch.randn(*tokens, 3, 16, requires_grad=True)
-    cotangent = torch.randn(*tokens, 16)
+    h = torch.randn(*tokens, 16, dtype=torch.float64, requires_grad=True)
+    o = torch.randn(3, *tokens, 16, dtype=torch.float64, requires_grad=True)  # (branches, batch, seq, width)
+    cotangent = torch.randn(*tokens, 16, dtype=torch.float64)
     grads = []
     for explicit in (False, True):
         if explicit:
-            scores = torch.einsum("blw,blnw->bln", unit.query(h), unit.key(o)) / 0.5
-            out = torch.einsum("bln,blnw->blw", torch.softmax(scores, dim=-1), unit.value(o))
+            scores = torch.einsum("blw,nblw->bln", unit.query(h), unit.key(o)) / 0.5
+            out = torch.einsum("bln,nblw->blw", torch.softmax(scores, dim=-1), unit.value(o))
         else:
             out = unit.fuse(h, o)
         leaves = [h, o, *unit.parameters()]
         grads.append((out, torch.autograd.grad((out * cotangent).sum(), leaves)))
     (fast, fast_grads), (slow, slow_grads) = grads
-    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
     for a, b in zip(fast_grads, slow_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ class FuseNode(Node):
         self.fusion = fusion
 
     def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
-        outputs = torch.stack([b(h, call) for b in self.branches], dim=-2)  # (..., n, hidden)
+        outputs = torch.stack([b(h, call) for b in self.branches])  # (n, ..., hidden)
         fuse = cast(Callable[[torch.Tensor, torch.Tensor], torch.Tensor], getattr(self.fusion, "fuse"))  # noqa: B009
         return fuse(h, outputs)
 

@@ -66,7 +66,10 @@ class FusionUnit(Unit):
         return h
 
     def fuse(self, h: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        """h (..., width) and the branch outputs (..., n, width) -> the fused output (..., width).
+        """h (..., width) and the branch outputs (n, ..., width) -> the fused output (..., width).
+
+        The branches come first: stacking whole outputs one after another is a plain copy, where
+        interleaving them per token, (..., n, width), is a strided one.
 
         Computed without the n keys and n values. With q = Q h + b_q and K, V linear,
             q . k_i = (Kᵀ q) . o_i + q . b_k          (the last term is the same for every i)
@@ -77,7 +80,7 @@ class FusionUnit(Unit):
         """
         dtype = self.query.weight.dtype
         x = h.to(dtype)  # (..., width)
-        o = outputs.to(dtype)  # (..., n, width)
+        o = outputs.to(dtype)  # (n, ..., width)
         wq, bq, wk, bk = self.query.weight, self.query.bias, self.key.weight, self.key.bias
         if x.numel() > x.shape[-1] ** 2:  # more tokens than width: fold Kᵀ Q once (width³)
             q_in_branch_space = x @ (wk.T @ wq).T + bq @ wk  # (..., width): Kᵀ q as a row vector
@@ -85,11 +88,11 @@ class FusionUnit(Unit):
         else:  # a few tokens: two products per token are cheaper than the width³ fold
             q = self.query(x)
             q_in_branch_space, q_dot_bk = q @ wk, q @ bk
-        scores = torch.einsum("...w,...nw->...n", q_in_branch_space, o) + q_dot_bk.unsqueeze(-1)
+        scores = torch.einsum("...w,n...w->...n", q_in_branch_space, o) + q_dot_bk.unsqueeze(-1)
         alpha = torch.softmax(self.dropout(scores / self.temperature), dim=-1)  # (..., n)
         if self._record is not None:
             self._accumulate(alpha.detach())
-        mixed = torch.einsum("...n,...nw->...w", alpha, o)  # (..., width)
+        mixed = torch.einsum("...n,n...w->...w", alpha, o)  # (..., width)
         return self.value(mixed).to(h.dtype)
 
     def _accumulate(self, alpha: torch.Tensor) -> None:
