@@ -192,17 +192,37 @@ def test_fusion_unit_equals_the_explicit_keys_and_values_with_gradients() -> Non
         _check_fusion_unit(unit, tokens)
 
 
+def _explicit_fusion(unit: FusionUnit, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The formula with a key and a value per branch; o: (n, batch, seq, width)."""
+    scores = torch.einsum("blw,nblw->bln", unit.query(h), unit.key(o)) / unit.temperature
+    return torch.einsum("bln,nblw->blw", torch.softmax(scores, dim=-1), unit.value(o))
+
+
+def test_fusion_fold_cached_in_inference_follows_every_weight_change() -> None:
+    torch.manual_seed(0)
+    unit = FusionUnit(width=16, n=3).double()
+    h = torch.randn(4, 9, 16, dtype=torch.float64)  # 36 tokens > width: the folded path
+    o = torch.randn(3, 4, 9, 16, dtype=torch.float64)
+    with torch.no_grad():
+        first = unit.fuse(h, o)
+        assert unit._fold_cache is not None
+        torch.testing.assert_close(unit.fuse(h, o), first, rtol=0, atol=0)  # from the cache
+        unit.key.weight.add_(torch.randn(16, 16, dtype=torch.float64))  # in place, as an optimizer
+        torch.testing.assert_close(unit.fuse(h, o), _explicit_fusion(unit, h, o), rtol=0, atol=1e-12)
+        state = {k: torch.randn_like(v) for k, v in unit.state_dict().items()}
+        unit.load_state_dict(state)
+        torch.testing.assert_close(unit.fuse(h, o), _explicit_fusion(unit, h, o), rtol=0, atol=1e-12)
+    unit.fuse(h, o)  # with autograd: computed afresh, so that gradients reach Q and K
+    assert unit._fold_cache is None
+
+
 def _check_fusion_unit(unit: FusionUnit, tokens: tuple[int, int]) -> None:
     h = torch.randn(*tokens, 16, dtype=torch.float64, requires_grad=True)
     o = torch.randn(3, *tokens, 16, dtype=torch.float64, requires_grad=True)  # (branches, batch, seq, width)
     cotangent = torch.randn(*tokens, 16, dtype=torch.float64)
     grads = []
     for explicit in (False, True):
-        if explicit:
-            scores = torch.einsum("blw,nblw->bln", unit.query(h), unit.key(o)) / 0.5
-            out = torch.einsum("bln,nblw->blw", torch.softmax(scores, dim=-1), unit.value(o))
-        else:
-            out = unit.fuse(h, o)
+        out = _explicit_fusion(unit, h, o) if explicit else unit.fuse(h, o)
         leaves = [h, o, *unit.parameters()]
         grads.append((out, torch.autograd.grad((out * cotangent).sum(), leaves)))
     (fast, fast_grads), (slow, slow_grads) = grads

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from ..model import ModularModel
 
 
+_Folded = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class FusionUnit(Unit):
     """The fusion layer of one site: Q, K, V (width -> width) and a temperature T.
 
@@ -58,6 +61,7 @@ class FusionUnit(Unit):
             self.value.bias.zero_()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._record: dict[str, Any] | None = None  # see `FusionConfig.recording`
+        self._fold_cache: tuple[tuple[Any, ...], _Folded] | None = None  # see `_folded`
 
     def parts(self) -> list[Unit]:
         return []
@@ -74,26 +78,41 @@ class FusionUnit(Unit):
         Computed without the n keys and n values. With q = Q h + b_q and K, V linear,
             q . k_i = (Kᵀ q) . o_i + q . b_k          (the last term is the same for every i)
             sum_i alpha_i v_i = V (sum_i alpha_i o_i) + b_v      (the alpha_i sum to 1)
-        and Kᵀ q = (Kᵀ Q) h + Kᵀ b_q: per token two width x width products (Kᵀ Q and V) instead of
+        and Kᵀ q = (Kᵀ Q) h + Kᵀ b_q: per token two width x width products ((Kᵀ Q) h and V) instead of
         1 + 2n, and the backward stores no (n, width) keys or values. Equal to the formula in the
         module docstring up to float roundoff (tested against it, gradients included).
         """
         dtype = self.query.weight.dtype
         x = h.to(dtype)  # (..., width)
         o = outputs.to(dtype)  # (n, ..., width)
-        wq, bq, wk, bk = self.query.weight, self.query.bias, self.key.weight, self.key.bias
         if x.numel() > x.shape[-1] ** 2:  # more tokens than width: fold Kᵀ Q once (width³)
-            q_in_branch_space = x @ (wk.T @ wq).T + bq @ wk  # (..., width): Kᵀ q as a row vector
-            q_dot_bk = x @ (wq.T @ bk) + bq @ bk  # (...,): q . b_k
+            folded, folded_bias, q_bk, bq_bk = self._folded()
+            q_in_branch_space = x @ folded + folded_bias  # (..., width): Kᵀ q as a row vector
+            q_dot_bk = x @ q_bk + bq_bk  # (...,): q . b_k
         else:  # a few tokens: two products per token are cheaper than the width³ fold
             q = self.query(x)
-            q_in_branch_space, q_dot_bk = q @ wk, q @ bk
+            q_in_branch_space, q_dot_bk = q @ self.key.weight, q @ self.key.bias
         scores = torch.einsum("...w,n...w->...n", q_in_branch_space, o) + q_dot_bk.unsqueeze(-1)
         alpha = torch.softmax(self.dropout(scores / self.temperature), dim=-1)  # (..., n)
         if self._record is not None:
             self._accumulate(alpha.detach())
         mixed = torch.einsum("...n,n...w->...w", alpha, o)  # (..., width)
         return self.value(mixed).to(h.dtype)
+
+    def _folded(self) -> _Folded:
+        """(Kᵀ Q)ᵀ (width, width), Kᵀ b_q, Qᵀ b_k (width,) and b_q . b_k. Without autograd (inference)
+        they are kept until a weight changes: every in-place change (optimizer step, `load`, `copy_`)
+        bumps a tensor's version counter, which the key holds."""
+        wq, bq, wk, bk = self.query.weight, self.query.bias, self.key.weight, self.key.bias
+        tensors = (wq, bq, wk, bk)
+        caching = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        caching = caching and not torch.compiler.is_compiling()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if caching and self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1]
+        folded = (wq.T @ wk, bq @ wk, wq.T @ bk, bq @ bk)
+        self._fold_cache = (key, folded) if caching else None  # no autograd: nothing to detach
+        return folded
 
     def _accumulate(self, alpha: torch.Tensor) -> None:
         """Add the weights of the real tokens (per the recording's mask) to the running sums."""
