@@ -1,10 +1,11 @@
 """Mixed batches: modfit `route(...)` against PEFT's `adapter_names=` on the same base and LoRA weights.
 
-PEFT is installed for transformers 4.57 in a separate environment, so run this with that interpreter
-(modfit and PEFT then run in one process, on one copy each of the same random-init weights)::
+PEFT is installed for transformers 4.57 in the peer venv (`scripts/peer_env.sh .venv/peer`), so run
+this with that interpreter (modfit and PEFT then run in one process, on one copy each of the same
+random-init weights)::
 
-    PYTHONPATH=/tmp/peftpkgs:/work/main/src /tmp/tf457/bin/python bench/mixed_batch.py
-    ... bench/mixed_batch.py --model minilm --repeats 7 --json
+    PYTHONPATH=src .venv/peer/bin/python bench/mixed_batch.py --model bert-base --repeats 3
+    PYTHONPATH=src .venv/peer/bin/python bench/mixed_batch.py --model minilm --repeats 3 --json
 
 Setup: a random-init BERT-base (`--model bert-base`, BertConfig() defaults) or a model of MiniLM's
 shape (`--model minilm`: hidden 384, 6 layers); `--modules` LoRA modules (r=8, alpha=16, on query and

@@ -1,12 +1,12 @@
 """modfit against HuggingFace PEFT and AdapterHub `adapters`, side by side in one run, as ratios modfit/peer.
 
 The peers need transformers 4.57 (`adapters` pins it), so this runs in the peer venv
-(scripts/peer_env.sh builds it: torch 2.13.0 CPU, transformers 4.57.x, peft 0.21.2; plus
-`pip install adapters==1.3.0`), with modfit from src/::
+(`scripts/peer_env.sh .venv/peer` builds it: torch 2.13.0 CPU, transformers 4.57.x, peft 0.21.2,
+adapters 1.3.0; `make test` builds it too), with modfit from src/::
 
-    PYTHONPATH=src /tmp/peer/bin/python bench/peers.py                       # everything, both models
-    PYTHONPATH=src /tmp/peer/bin/python bench/peers.py --models minilm --repeats 3 --out peers.json
-    PYTHONPATH=src /tmp/peer/bin/python bench/peers.py --models minilm --repeats 1 --steps 1 --warmup 0 \\
+    PYTHONPATH=src .venv/peer/bin/python bench/peers.py                       # everything, both models
+    PYTHONPATH=src .venv/peer/bin/python bench/peers.py --models minilm --repeats 3 --out peers.json
+    PYTHONPATH=src .venv/peer/bin/python bench/peers.py --models minilm --repeats 1 --steps 1 --warmup 0 \\
         --batch 2 --length 16 --parts check,train --configs lora,pfeiffer     # a smoke run
 
 Models: the packaged MiniLM (`modfit.DEFAULT_BASE`, pretrained, a local folder) and a random-init
