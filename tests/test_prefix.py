@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import modfit
 from modfit.methods.prefix import PrefixStackUnit
+from modfit.methods.prompt import cache_keyword
 from modfit.model import ModularModel
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def test_equals_model_on_a_filled_cache(tiny: Callable[[str], Family], name: str
     # an encoder keeps its tokens' positions; a causal stack places them after the n cached entries
     positions = {"position_ids": torch.arange(ids.shape[1]).unsqueeze(0)} if family.kind == "encoder" else {}
     reference = model(
-        input_ids=ids, attention_mask=_extend(mask), past_key_values=_filled(stack, 2), **positions
+        input_ids=ids, attention_mask=_extend(mask), **{cache_keyword(model): _filled(stack, 2)}, **positions
     )
     torch.testing.assert_close(out, reference[0], atol=1e-5, rtol=0)
 
@@ -139,7 +140,7 @@ def test_t5_decoder_equals_model_on_a_filled_cache(tiny: Callable[[str], Family]
         attention_mask=inputs["attention_mask"],
         decoder_input_ids=decoder_ids,
         decoder_attention_mask=_extend(torch.ones_like(decoder_ids)),
-        past_key_values=cache,
+        **{cache_keyword(model): cache},
     )[0]
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
 
@@ -168,7 +169,7 @@ def test_generate_equals_hand_built_loop(tiny: Callable[[str], Family], name: st
             input_ids=seq,
             attention_mask=_extend(seq_mask),
             position_ids=positions,
-            past_key_values=_filled(stack, 2),
+            **{cache_keyword(model): _filled(stack, 2)},
         ).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         seq, seq_mask = torch.cat([seq, token], 1), torch.cat([seq_mask, torch.ones_like(token)], 1)

@@ -14,6 +14,7 @@ import torch
 import modfit
 from conftest import FAMILIES
 from modfit.composition import CompositionError, from_dict, parse
+from modfit.methods.prompt import cache_keyword
 from modfit.routing import FixedRoute, RouteError, current_route, route_ids, routed
 from modfit.routing.fixed import RouteNode
 
@@ -291,7 +292,10 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor, forced: torch.Tensor) -> 
         for t in range(forced.shape[1]):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = model(
-                input_ids=forced[:, t : t + 1], attention_mask=mask, past_key_values=cache, use_cache=True
+                input_ids=forced[:, t : t + 1],
+                attention_mask=mask,
+                **{cache_keyword(model): cache},
+                use_cache=True,
             )
             logits.append(out.logits[:, -1])
             cache = out.past_key_values
