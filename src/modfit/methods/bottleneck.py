@@ -101,7 +101,9 @@ class BottleneckUnit(Unit):
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """g · scaling · up(act(down(x))), with the optional adapter-own layer norm. (..., hidden)."""
         out = self.ln_before(x) if self.ln_before is not None else x
-        out = self.dropout(self.up(self.act(self.down(out)))) * self.scaling
+        out = self.dropout(self.up(self.act(self.down(out))))
+        if not (isinstance(self.scaling, float) and self.scaling == 1.0):  # 1.0: no full-size copy
+            out = out * self.scaling
         if self.gate is not None:
             # As adapters: one gate per example, the mean over the sequence (padding included) of a
             # per-token sigmoid: (batch, seq, 1) -> (batch, 1, 1).
