@@ -155,6 +155,12 @@ def test_uniform_fusion_equals_the_average(family_name: str, kinds: list[str]) -
     torch.testing.assert_close(fused, _hidden(model, ids), rtol=0, atol=1e-5)
 
 
+def _explicit_fusion(unit: FusionUnit, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The formula with a key and a value per branch; o: (n, batch, seq, width)."""
+    scores = torch.einsum("blw,nblw->bln", unit.query(h), unit.key(o)) / unit.temperature
+    return torch.einsum("bln,nblw->blw", torch.softmax(scores, dim=-1), unit.value(o))
+
+
 def test_fusion_formula_at_one_site() -> None:
     _model, mm, names = _fused("bert", ["lora", "lora"])
     path, unit = next(iter(mm.units("fu")))
@@ -171,9 +177,7 @@ def test_fusion_formula_at_one_site() -> None:
         for name in names:
             mm.activate(name)
             outs.append(site(x))
-        o = torch.stack(outs, dim=-2)  # (2, 5, 2, width)
-        alpha = torch.softmax(torch.einsum("blw,blnw->bln", unit.query(h), unit.key(o)), dim=-1)
-        expected = torch.einsum("bln,blnw->blw", alpha, unit.value(o))
+        expected = _explicit_fusion(unit, h, torch.stack(outs))  # branches first: (2, 2, 5, width)
         mm.activate("fuse(m0, m1)")
         torch.testing.assert_close(site(x), expected, rtol=0, atol=1e-5)
 
@@ -190,12 +194,6 @@ def test_fusion_unit_equals_the_explicit_keys_and_values_with_gradients() -> Non
     # 2 x 5 tokens take the per-token path (fewer tokens than width 16), 4 x 9 the folded Kᵀ Q
     for tokens in ((2, 5), (4, 9)):
         _check_fusion_unit(unit, tokens)
-
-
-def _explicit_fusion(unit: FusionUnit, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """The formula with a key and a value per branch; o: (n, batch, seq, width)."""
-    scores = torch.einsum("blw,nblw->bln", unit.query(h), unit.key(o)) / unit.temperature
-    return torch.einsum("bln,nblw->blw", torch.softmax(scores, dim=-1), unit.value(o))
 
 
 def test_fusion_fold_cached_in_inference_follows_every_weight_change() -> None:
