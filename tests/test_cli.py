@@ -272,6 +272,25 @@ def test_train_compiled(capsys: pytest.CaptureFixture[str], bert: Path, data: Pa
         torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_train_torch_dropout(capsys: pytest.CaptureFixture[str], data: Path, tmp_path: Path) -> None:
+    """On a base with dropout: modfit's fast dropout and --torch-dropout each repeat themselves under
+    --seed, and differ from each other (two random streams of the same distribution)."""
+    torch.manual_seed(0)
+    base = tmp_path / "dropout-bert"
+    config = bert_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    transformers.BertModel(config).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    runs = {}
+    for run, extra in enumerate([(), (), ("--torch-dropout",), ("--torch-dropout",)]):
+        out = tmp_path / f"run{run}"
+        ok(modfit_cli(capsys, *_train_args(base, "seq-cls", data / "train.csv", out, *extra)))
+        runs[run] = load_file(str(out / WEIGHTS))
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+        assert torch.equal(runs[2][key], runs[3][key]), key
+    assert any(not torch.equal(runs[0][key], runs[2][key]) for key in runs[0])
+
+
 def test_seed_fixes_the_initial_module_and_head(
     capsys: pytest.CaptureFixture[str], bert: Path, data: Path, tmp_path: Path
 ) -> None:

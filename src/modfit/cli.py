@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute layer activations in backward instead of storing them (less memory, slower)",
     )
     p.add_argument(
+        "--torch-dropout",
+        action="store_true",
+        help="draw the base model's dropout masks with torch's own dropout, not modfit's faster one "
+        "(the same distribution, another random stream; see modfit.fast_dropout)",
+    )
+    p.add_argument(
         "--compile",
         nargs="?",
         const="inductor",

@@ -24,8 +24,10 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers.utils import ModelOutput
 
+from . import fast_dropout
 from .composition import (
     BatchSplit,
     Composition,
@@ -124,6 +126,8 @@ class ModularModel(nn.Module):
         self._layers: dict[Composition, str] = {}
         self._head_name: str | None = None
         self._fingerprint: dict[str, Any] | None = None
+        self._dropout_hooks: list[RemovableHandle] = []  # fast_dropout.install's, while there is a container
+        model.__dict__.setdefault(fast_dropout.SWITCH, True)
 
     @property
     def base_fingerprint(self) -> dict[str, Any]:
@@ -135,6 +139,20 @@ class ModularModel(nn.Module):
             self._fingerprint = fingerprint(self.view)
         return self._fingerprint
 
+    @property
+    def fast_dropout(self) -> bool:
+        """Whether the base model's own dropout (and attention dropout) draws its masks with
+        `modfit.fast_dropout` while it trains on CPU: the same distribution as torch's, about 3x
+        faster to draw and a quarter of the memory kept for backward, but another random stream.
+        True by default; False runs torch's dropout exactly as the model would without modfit.
+        Not used under `torch.compile` or with activation checkpointing (see `fast_dropout.install`).
+        """
+        return bool(self.model.__dict__.get(fast_dropout.SWITCH, False))
+
+    @fast_dropout.setter
+    def fast_dropout(self, on: bool) -> None:
+        self.model.__dict__[fast_dropout.SWITCH] = bool(on)
+
     # -- containers ------------------------------------------------------------------------------
 
     @property
@@ -143,12 +161,16 @@ class ModularModel(nn.Module):
         if existing is None:
             existing = Container().train(self.model.training)  # in the model's train/eval mode
             self.model.add_module(CONTAINER, existing)
+            self._dropout_hooks = fast_dropout.install(self.model, [self.model, self._encoder()])
         return existing
 
     def _drop_container_if_empty(self) -> None:
         existing: Container | None = getattr(self.model, CONTAINER, None)
         if existing is not None and len(existing.sites) == 0 and len(existing.heads) == 0:
             delattr(self.model, CONTAINER)
+            for handle in self._dropout_hooks:  # the base model runs as it did before modfit
+                handle.remove()
+            self._dropout_hooks = []
 
     # -- adding and removing -------------------------------------------------------------------
 
@@ -680,9 +702,7 @@ class ModularModel(nn.Module):
             raise RuntimeError(
                 "no active module has a head; add one with head=..., or call mm.model(...) directly"
             )
-        # An encoder-decoder (T5) feeds the head from its encoder alone.
-        is_seq2seq = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
-        encoder: nn.Module = cast(Any, self.model).get_encoder() if is_seq2seq else self.view.base_model
+        encoder = self._encoder()
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         copies = len(branches) if branches is not None and branches[0][0] is None else 1
@@ -714,6 +734,12 @@ class ModularModel(nn.Module):
             if extra is not None:  # evaluation losses stay comparable across methods
                 loss = loss + extra
         return ModularOutput(loss=loss, logits=logits, hidden_states=hidden)
+
+    def _encoder(self) -> nn.Module:
+        """What head mode runs: the base model, or an encoder-decoder's (T5's) encoder alone."""
+        is_seq2seq = getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
+        encoder: nn.Module = cast(Any, self.model).get_encoder() if is_seq2seq else self.view.base_model
+        return encoder
 
     def _head(
         self, name: str, hidden: torch.Tensor, mask: torch.Tensor | None, labels: Any

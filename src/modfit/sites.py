@@ -43,6 +43,10 @@ class _PerThread(threading.local):
         self.residual: torch.Tensor | None = None  # from the residual pre-hook, for the output hook
         self.bypass = False  # set while `_rerun` calls the watched module without this site
 
+    def __reduce__(self) -> tuple[type[_PerThread], tuple[()]]:
+        # per-call state is not copied: a deep copy (or pickle) of the model starts with none
+        return (_PerThread, ())
+
 
 @dataclass
 class SiteCall:

@@ -1,0 +1,249 @@
+"""Dropout for CPU training: the same distribution as torch's, drawn about 3x faster, stored in a quarter.
+
+Why: a frozen base model trains in train mode, so its own dropout runs (BERT: 0.1 on the
+embeddings, on every attention matrix and twice per layer on the hidden states). On CPU torch draws
+each mask with `bernoulli_` (one serial double per element), keeps it for backward as a float tensor
+(4 bytes an element), and `F.scaled_dot_product_attention` leaves its fused kernel for the math path
+whenever `dropout_p > 0`. In a LoRA training step on the packaged MiniLM (batch 16 x 128, 2 threads)
+`bernoulli_` alone was 20% of the time, the same for modfit, PEFT and `adapters`.
+
+What changes here, only for CPU tensors in training mode:
+
+    keep = random_int32 >= round(p * 2**32) - 2**31    # P(keep) = 1 - p to within 2**-32
+    out  = where(keep, x, 0) * 1 / (1 - p)              # keep: bool, 1 byte an element, for backward
+
+The random bits come from one `random_` over int64 words (two draws of torch's default CPU
+generator per word, so `torch.manual_seed` makes runs reproducible); attention with dropout is the
+math formula softmax(q kᵀ * scale + mask), masked by `keep`, times v / (1 - p). The masks are not
+torch's own masks (another stream), so a run does not repeat a run made with torch's dropout.
+
+`FastDropout` is a `TorchFunctionMode` that routes `F.dropout` and `F.scaled_dot_product_attention`
+with dropout to these functions and passes every other call on untouched; `install(model)` enters it
+around the model's forward while the model trains (see `ModularModel.fast_dropout`). The model's
+classes and forward code stay as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+_local = threading.local()  # per thread: the scratch words for the random bits, the entered modes
+
+
+def _random_words(count: int) -> torch.Tensor:
+    """`count` int64 words of 64 uniform random bits, in a scratch buffer reused within this thread
+    (a fresh buffer of this size costs page faults comparable to the draw itself)."""
+    words: torch.Tensor | None = getattr(_local, "words", None)
+    if words is None or words.numel() < count:
+        words = _local.words = torch.empty(count, dtype=torch.int64)
+    return words[:count].random_(-(2**63), None)  # from -2**63 to the int64 maximum: all 64 bits
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """A bool tensor of `shape`, each element True with probability 1 - p (to within 2**-32)."""
+    if p <= 0.0 or p >= 1.0:  # thresholds outside int32
+        return torch.full(shape, p <= 0.0, dtype=torch.bool)
+    n = math.prod(shape)
+    bits = _random_words((n + 1) // 2).view(torch.int32)[:n]  # (n,) uniform over all int32 values
+    threshold = round(p * 2**32) - 2**31  # P(bits < threshold) = p
+    return (bits >= threshold).view(shape)
+
+
+class _Dropout(torch.autograd.Function):
+    """out = where(keep, x, 0) / (1 - p); backward uses the same mask, saved as bool."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = keep_mask(x.shape, p)
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return torch.where(keep, x, 0.0).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout of `x` with probability `p` in [0, 1] (see the module docstring)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    out: torch.Tensor = _Dropout.apply(x, p)
+    return out
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`'s math, its dropout drawn by `keep_mask`.
+
+    Shapes: query (..., heads, L, E), key (..., kv_heads, S, E), value (..., kv_heads, S, Ev)
+    -> (..., heads, L, Ev). A bool mask marks the positions to attend to, a float mask is added to
+    the scores; a row with nothing to attend to gives zeros, as torch's math path does.
+    """
+    if enable_gqa and key.size(-3) != query.size(-3):  # each key/value head serves a group of query heads
+        group = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(group, -3), value.repeat_interleave(group, -3)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = (query * scale) @ key.transpose(-2, -1)  # (..., heads, L, S)
+    dead: torch.Tensor | None = None  # (..., L, 1) rows with nothing to attend to
+    if is_causal:
+        length, source = scores.shape[-2:]
+        attn_mask = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            dead = ~attn_mask.any(-1, keepdim=True)
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            dead = torch.isneginf(attn_mask).all(-1, keepdim=True)
+            scores = scores + attn_mask
+    if dead is not None and bool(dead.any()):  # softmax over finite scores, then zeros: no NaN, no NaN grads
+        weights = scores.masked_fill(dead, 0.0).softmax(-1).masked_fill(dead, 0.0)
+    else:
+        weights = scores.softmax(-1)
+    if dropout_p > 0.0:
+        keep = keep_mask(weights.shape, dropout_p)
+        value = value * (1.0 / (1.0 - dropout_p))  # the 1 / (1 - p) on the smaller operand
+        if weights.shape[:-2] == value.shape[:-2]:
+            out: torch.Tensor = _DroppedTimesValue.apply(weights, keep, value)
+            return out
+        weights = torch.where(keep, weights, 0.0)  # broadcast batch dimensions: plain autograd
+    return weights @ value
+
+
+class _DroppedTimesValue(torch.autograd.Function):
+    """where(keep, weights, 0) @ value, keeping for backward only what softmax keeps anyway (its
+    output, `weights`) and the bool mask: the dropped weights, a float tensor as large as the
+    attention matrix, are formed again in backward instead of stored.
+
+    Shapes: weights and keep (..., L, S), value (..., S, Ev) with the same leading dimensions.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weights: torch.Tensor, keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weights, keep, value)
+        return torch.where(keep, weights, 0.0) @ value
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        weights, keep, value = ctx.saved_tensors
+        grad_weights = grad_value = None
+        if ctx.needs_input_grad[0]:
+            grad_weights = torch.where(keep, grad @ value.transpose(-2, -1), 0.0)  # (..., L, S)
+        if ctx.needs_input_grad[2]:
+            grad_value = torch.where(keep, weights, 0.0).transpose(-2, -1) @ grad  # (..., S, Ev)
+        return grad_weights, None, grad_value
+
+
+SWITCH = "_modfit_fast_dropout"  # the model attribute `install`'s hooks read
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_DROPOUT_ARGS = ("input", "p", "training", "inplace")
+
+
+def _named(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The call's arguments by name, or None if it passes one this module does not know."""
+    if len(args) > len(names) or not set(kwargs) <= set(names):
+        return None
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+class FastDropout(TorchFunctionMode):
+    """Routes CPU `F.dropout` (not in place) and `F.scaled_dot_product_attention` with dropout to
+    this module's `dropout` and `attention`; every other call runs as it would without the mode."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            call = _named(_DROPOUT_ARGS, args, kwargs)
+            if (
+                call is not None
+                and call.get("training", True)
+                and not call.get("inplace", False)
+                and call["input"].device.type == "cpu"
+            ):
+                return dropout(call["input"], float(call.get("p", 0.5)))
+        elif func is F.scaled_dot_product_attention:
+            call = _named(_SDPA_ARGS, args, kwargs)
+            if (
+                call is not None
+                and call.get("dropout_p", 0.0) > 0.0
+                and call["query"].device.type == "cpu"
+                and not (call.get("is_causal", False) and call.get("attn_mask") is not None)  # torch raises
+                and not call["query"].is_nested
+            ):
+                return attention(**call)
+        return func(*args, **kwargs)
+
+
+def _applies(owner: nn.Module) -> bool:
+    if not owner.training or torch.compiler.is_compiling():  # inductor draws its own masks
+        return False
+    # Activation checkpointing recomputes layers in backward, outside this model's forward: torch's
+    # dropout would draw masks there that differ from the ones drawn here.
+    checkpointing = "is_activation_checkpointing"  # transformers 5.x's name, 4.x: is_gradient_checkpointing
+    if getattr(
+        owner, checkpointing if hasattr(type(owner), checkpointing) else "is_gradient_checkpointing", False
+    ):
+        return False
+    return bool(owner.__dict__.get(SWITCH, False))
+
+
+def _enter(owner: nn.Module, module: nn.Module, args: Any, kwargs: Any) -> None:
+    stack: list[FastDropout | None] = _local.__dict__.setdefault("modes", [])
+    mode = FastDropout() if _applies(owner) else None
+    if mode is not None:
+        mode.__enter__()
+    stack.append(mode)
+
+
+def _leave(owner: nn.Module, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    stack: list[FastDropout | None] = _local.__dict__.get("modes", [])
+    mode = stack.pop() if stack else None
+    if mode is not None:
+        mode.__exit__(None, None, None)
+
+
+def install(owner: nn.Module, entries: list[nn.Module]) -> list[RemovableHandle]:
+    """Enter `FastDropout` around the forward of each of `entries` (the modules a caller may call
+    first: the model, its bare encoder) whenever `owner` trains and `owner.__dict__[SWITCH]` is true
+    (a plain attribute, so a deep copy of the model keeps its own setting).
+
+    Not while `torch.compile` traces it, nor with activation checkpointing on. The exit hook runs
+    even when the forward raises; entered twice (the model calls its encoder), the inner entry is
+    the one that acts. Returns the hooks' handles (`handle.remove()` uninstalls).
+    """
+    handles = []
+    for module in dict.fromkeys(entries):  # unique, in order
+        handles.append(module.register_forward_pre_hook(partial(_enter, owner), with_kwargs=True))
+        handles.append(
+            module.register_forward_hook(partial(_leave, owner), with_kwargs=True, always_call=True)
+        )
+    return handles
