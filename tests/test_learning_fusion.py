@@ -8,18 +8,21 @@ topic (4 classes; 24 steps, an easy task), then fuse(sentiment, topic) with a ne
 (48 steps at `FusionConfig.default_lr`). The better single module on sentiment is the sentiment module
 (the topic module's head predicts topics). Accuracies on the fixed 200-example test subsets.
 
-Measured (one thread): sentiment module 0.855, topic module 0.975 (both trained the same way
-whatever the seed); the fusion, seeds 0..4: 0.920, 0.915, 0.900, 0.890, 0.875, i.e. 0.020..0.065 above
-the single module. The fusion weights the sentiment module most in every layer (0.72..0.99 on the
-sentiment test set, seed 0).
+Measured (one thread), the fusion over seeds 0, 1, 2 of its initialisation and data order:
+with modfit's fast dropout (the default since stop 14): sentiment module 0.865, topic module 0.98,
+fusion 0.835, 0.900, 0.915; with torch's dropout (`fast_dropout = False`, as before): sentiment 0.855,
+topic 0.975, fusion 0.920, 0.915, 0.900 (and 0.890, 0.875 for seeds 3, 4). The fusion weights the
+sentiment module most in every layer (0.72..0.99 on the sentiment test set, seed 0).
+The test takes the median fusion accuracy of the three seeds: one seed alone spans 0.835..0.920.
 MARGIN 0.02: about one binomial standard error of an accuracy near 0.85 on 200 examples
 (sqrt(0.85 * 0.15 / 200) = 0.025), and the spread of the sentiment module itself over the seeds of its
-initialisation and data order (0.835..0.860 in runs of the same 48-step training). The test runs seed 0
-(0.920 against 0.855). About 60 s on one thread of an idle machine (shared MiniLM load).
+initialisation and data order (0.835..0.860 in runs of the same 48-step training). About 100 s on
+one thread of an idle machine (shared MiniLM load).
 """
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +38,12 @@ MARGIN = 0.02
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fused_accuracies(model: torch.nn.Module, seed: int = 0) -> tuple[modfit.ModularModel, dict[str, float]]:
-    """Train the sentiment and topic modules and their fusion on `model`; held-out accuracies."""
+def fused_accuracies(
+    model: torch.nn.Module, seeds: tuple[int, ...] = (0,)
+) -> tuple[modfit.ModularModel, dict[str, float]]:
+    """Train the sentiment and topic modules, then their fusion once per seed on `model`; held-out
+    accuracies (`fusion`: the median over the seeds; `fusion seed N`: each). The last seed's fusion
+    ("fu") stays on the model."""
     mm = modfit.wrap(model)
     _, _, _, sentiment_labels = demo_split("sentiment")
     _, _, _, topic_labels = demo_split("topic")
@@ -52,19 +59,23 @@ def fused_accuracies(model: torch.nn.Module, seed: int = 0) -> tuple[modfit.Modu
     mm.activate("topic")
     scores["topic"] = train_and_score(mm, "topic", "topic", lr=2e-3, steps=24, seed=1)
 
-    torch.manual_seed(seed)
     fusion = modfit.config("fusion", children=["sentiment", "topic"])
-    mm.add("fu", fusion, head=modfit.head("seq-cls", sentiment_labels))
-    mm.activate("fuse(sentiment, topic)")
     lr = fusion.default_lr
     assert lr is not None
-    scores["fusion"] = train_and_score(mm, "fu", "sentiment", lr=lr, seed=seed)
+    for seed in seeds:
+        if "fu" in mm.module_names:
+            mm.remove("fu")
+        torch.manual_seed(seed)
+        mm.add("fu", fusion, head=modfit.head("seq-cls", sentiment_labels))
+        mm.activate("fuse(sentiment, topic)")
+        scores[f"fusion seed {seed}"] = train_and_score(mm, "fu", "sentiment", lr=lr, seed=seed)
+    scores["fusion"] = statistics.median(scores[f"fusion seed {seed}"] for seed in seeds)
     return mm, scores
 
 
 @pytest.mark.slow
 def test_fusion_is_as_good_as_the_better_single_module(minilm: torch.nn.Module, tmp_path: Path) -> None:
-    mm, scores = fused_accuracies(minilm)
+    mm, scores = fused_accuracies(minilm, seeds=(0, 1, 2))
     assert scores["topic"] > 0.9, scores  # the topic module learned its own task
     assert scores["sentiment"] > 0.8, scores
     assert scores["fusion"] >= scores["sentiment"] - MARGIN, scores
