@@ -181,6 +181,8 @@ class FastDropout(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if func is not F.dropout and func is not F.scaled_dot_product_attention:  # nearly every call
+            return func(*args, **kwargs)
         if func is F.dropout:
             call = _named(_DROPOUT_ARGS, args, kwargs)
             if (
