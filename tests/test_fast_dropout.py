@@ -206,6 +206,18 @@ def test_model_uses_torchs_dropout_otherwise(counted: list[int], why: str, monke
     assert counted[0] == 0
 
 
+def test_bfloat16_autocast_training_step(counted: list[int]) -> None:
+    """Under CPU autocast the matrix products run in bfloat16 and softmax in float32: the backward of
+    the dropout functions runs under the same autocast state, and every gradient is finite."""
+    mm = _lora_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mm(**INPUTS, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    assert counted[0] > 0
+    grads = [p.grad for p in mm.module_parameters("m")]
+    assert grads and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+
+
 def test_removing_every_module_removes_the_hooks(counted: list[int]) -> None:
     mm = _lora_model()
     mm.remove("m")

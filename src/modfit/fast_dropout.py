@@ -63,6 +63,7 @@ class _Dropout(torch.autograd.Function):
     """out = where(keep, x, 0) / (1 - p); backward uses the same mask, saved as bool."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
         keep = keep_mask(x.shape, p)
         ctx.save_for_backward(keep)
@@ -70,6 +71,7 @@ class _Dropout(torch.autograd.Function):
         return torch.where(keep, x, 0.0).mul_(ctx.scale)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (keep,) = ctx.saved_tensors
         return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
@@ -142,11 +144,13 @@ class _DroppedTimesValue(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # backward under the forward's autocast state (bf16 on CPU)
     def forward(ctx: Any, weights: torch.Tensor, keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weights, keep, value)
         return torch.where(keep, weights, 0.0) @ value
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
         weights, keep, value = ctx.saved_tensors
         grad_weights = grad_value = None
