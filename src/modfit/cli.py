@@ -1,5 +1,7 @@
-"""The `modfit` command line: train, eval, predict, info, methods, count, demo, merge, fisher,
-fusion-weights, routing-plot, recipe (its parsers and commands in `commands_recipe.py`).
+"""The `modfit` command line: train, eval, predict, info, methods, count, demo (their commands in
+`commands.py`), merge, fisher (`commands_merge.py`), fusion-weights, routing-plot
+(`commands_plots.py`), recipe (its parsers and commands in `commands_recipe.py`), convert
+(`commands_convert.py`).
 
 Every subcommand that prints results takes `--json` for machine-readable output. Errors that come
 from the user's input (a bad file, an unknown method, a module trained on another base) print one
@@ -9,6 +11,7 @@ line `modfit: error: ...` and exit with status 2; nothing already saved is touch
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -17,6 +20,16 @@ from typing import Any
 
 from . import __version__, commands_recipe
 from .argtypes import positive_int
+
+# The module that holds `cmd_<command>` where it is not `commands.py` (imported on use: the
+# commands import torch and transformers, `--help` does not).
+COMMAND_MODULES = {
+    "merge": "commands_merge",
+    "fisher": "commands_merge",
+    "fusion-weights": "commands_plots",
+    "routing-plot": "commands_plots",
+    "recipe": "commands_recipe",
+}
 
 # OSError: a file or folder that cannot be read or written (a missing base, an --out that is a folder).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, ModuleNotFoundError)
@@ -253,11 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     from transformers.utils import logging as hf_logging
 
-    from . import commands
-
     hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars drown modfit's output
 
-    module = commands_recipe if args.command == "recipe" else commands
+    module = importlib.import_module(f".{COMMAND_MODULES.get(args.command, 'commands')}", __package__)
     handler = getattr(args, "handler", None) or getattr(module, f"cmd_{args.command.replace('-', '_')}")
     try:
         result: Any = handler(args)
