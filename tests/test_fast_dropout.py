@@ -55,6 +55,19 @@ def test_dropout_values_and_gradient() -> None:
     torch.testing.assert_close(x.grad, torch.where(keep, grad / (1 - p), 0.0), rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_dtype_and_non_finite_as_torch(dtype: torch.dtype) -> None:
+    """The mask multiplies, as torch's dropout does: the input's dtype stays, a dropped inf is NaN."""
+    x = torch.full((8, 64), float("inf"), dtype=dtype)
+    torch.manual_seed(1)
+    y = dropout(x, 0.5)
+    torch.manual_seed(1)
+    keep = keep_mask(x.shape, 0.5)
+    assert y.dtype == dtype
+    assert bool(torch.isinf(y[keep]).all()) and bool(torch.isnan(y[~keep]).all())
+    assert bool(torch.isnan(F.dropout(x, 0.5)).any())  # torch's own: the same rule
+
+
 def test_dropout_ends_and_bad_probability() -> None:
     x = torch.randn(3, 4)
     assert dropout(x, 0.0) is x
