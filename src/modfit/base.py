@@ -58,3 +58,13 @@ def load_tokenizer(name: str, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_base(name), **kwargs)
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether `model`'s layers are activation-checkpointed: transformers 5.x's
+    `is_activation_checkpointing` where the class has it (5.x warns on the old name), else 4.x's
+    `is_gradient_checkpointing`; False for a module with neither."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False

@@ -37,6 +37,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from .base import is_checkpointing
+
 _local = threading.local()  # per thread: the scratch words for the random bits, the entered modes
 
 
@@ -227,10 +229,7 @@ def _applies(owner: nn.Module) -> bool:
         return False
     # Activation checkpointing recomputes layers in backward, outside this model's forward: torch's
     # dropout would draw masks there that differ from the ones drawn here.
-    checkpointing = "is_activation_checkpointing"  # transformers 5.x's name, 4.x: is_gradient_checkpointing
-    if getattr(
-        owner, checkpointing if hasattr(type(owner), checkpointing) else "is_gradient_checkpointing", False
-    ):
+    if is_checkpointing(owner):
         return False
     return bool(owner.__dict__.get(SWITCH, False))
 

@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.utils import ModelOutput
 
 from . import fast_dropout
+from .base import is_checkpointing
 from .composition import (
     BatchSplit,
     Composition,
@@ -549,10 +550,7 @@ class ModularModel(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         """Whether the base model's layers are checkpointed."""
-        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-            if hasattr(type(self.model), name):
-                return bool(getattr(self.model, name))
-        return False
+        return is_checkpointing(self.model)
 
     def regularization(self) -> torch.Tensor | None:
         """The sum of the running units' auxiliary losses (`Unit.regularizer()`), or None if none has one.

@@ -67,6 +67,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
+from ..base import is_checkpointing
 from ..config import ModuleConfig, check
 from ..registry import register_method
 from ..sites import Attachment, SiteCall, Unit
@@ -168,7 +169,7 @@ class PrefixStackUnit(Unit):
         mask extended by n and the positions shifted by n. With `units` and `rows` (route(...)), each row
         gets its own module's prefix; see `batched_before`."""
         stack = self._stack.module
-        if stack.training and getattr(stack, "is_gradient_checkpointing", False):
+        if stack.training and is_checkpointing(stack):
             # transformers' checkpointed layers drop the cache: the prefix would silently vanish
             raise RuntimeError(
                 "prefix tuning keeps a causal stack's virtual keys/values in its cache, which transformers "
