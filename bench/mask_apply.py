@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from _timing import step_times
 
 from modfit import fast_dropout as fd
 
 
 def _median_us(run: Callable[[], Any], repeats: int) -> float:
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistics.median(step_times(run, 3, repeats)) * 1e3
 
 
 class _WhereDropout(torch.autograd.Function):
@@ -83,34 +76,19 @@ def operation(repeats: int) -> None:
 
 
 def steps(model: str, config: str, count: int) -> None:
-    from peers_build import build, load_base
+    from peers_build import build, load_base, train_step
 
-    built = build("modfit", config, load_base(model))
-    optimizer = torch.optim.AdamW(built.params, lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (16, 128), generator=g)
-    labels = torch.randint(0, 2, (16,), generator=g)
-    mask = torch.ones_like(ids)
-    built.net.train()
+    step = train_step(build("modfit", config, load_base(model)))
     kernels = {
         "product": (fd._Dropout, fd._DroppedTimesValue),
         "where": (_WhereDropout, _WhereTimesValue),
     }
     times: dict[str, list[float]] = {name: [] for name in kernels}
-
-    def step() -> None:
-        built.loss(ids, mask, labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     try:
         for i in range(count):
             for name in list(kernels)[:: 1 if i % 2 == 0 else -1]:  # alternate which goes first
                 fd._Dropout, fd._DroppedTimesValue = kernels[name]  # type: ignore[misc]
-                step()  # one unmeasured step after each switch
-                start = time.perf_counter()
-                step()
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name] += step_times(step, 1, 1)  # one unmeasured step after each switch
     finally:
         fd._Dropout, fd._DroppedTimesValue = kernels["product"]  # type: ignore[misc]
     product, where = (statistics.median(times[name]) for name in ("product", "where"))

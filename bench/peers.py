@@ -70,7 +70,7 @@ def measure_train(
     for library in ("peft", "adapters"):  # every system's process holds the same imports at the baseline
         with contextlib.suppress(ImportError):
             __import__(library)
-    from peers_build import build, load_base
+    from peers_build import build, load_base, train_step
 
     torch.set_num_threads(threads)
     before = reset_peak_rss()
@@ -83,19 +83,7 @@ def measure_train(
         built.net.fast_dropout = False
     # the whole loss (model, module, head) through torch.compile's default (inductor) backend; the
     # warm-up steps pay the compilation, the peak memory includes it
-    loss_fn = torch.compile(built.loss) if compiled else built.loss
-    optimizer = torch.optim.AdamW(built.params, lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (batch, length), generator=g)
-    labels = torch.randint(0, 2, (batch,), generator=g)
-    mask = torch.ones_like(ids)
-    built.net.train()
-
-    def step() -> None:
-        loss_fn(ids, mask, labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = train_step(built, batch, length, torch.compile(built.loss) if compiled else None)
     times = step_times(step, warmup, steps)
     peak = peak_rss_kib()
     return {

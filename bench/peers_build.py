@@ -152,6 +152,28 @@ def _with_head(system: str, net: nn.Module, hidden: Callable[..., torch.Tensor],
     return Built(system, net, loss, hidden, [*trainable, *head.parameters()], count, net)
 
 
+def train_step(
+    built: Built, batch: int = 16, length: int = 128, loss: Callable[..., torch.Tensor] | None = None
+) -> Callable[[], None]:
+    """One training step of `built` on a fixed random batch (`batch` x `length` token ids, 2 labels,
+    no padding): forward + backward of `loss` (default `built.loss`) and an AdamW step of
+    `built.params`. Puts the model in train mode, so the base's own dropout runs."""
+    step_loss = loss or built.loss
+    optimizer = torch.optim.AdamW(built.params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (batch, length), generator=g)
+    labels = torch.randint(0, 2, (batch,), generator=g)
+    mask = torch.ones_like(ids)
+    built.net.train()
+
+    def step() -> None:
+        step_loss(ids, mask, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def build(system: str, config: str, base: nn.Module, head: bool = True) -> Built:
     """`config` (a TRAIN_CONFIGS key) on `base` (consumed: modified in place) in `system`; without
     `head` modfit's module gets no head (for saving, loading, inference; the peers' heads live outside

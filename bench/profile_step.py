@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from peers_build import build, load_base
+from peers_build import build, load_base, train_step
 from torch.profiler import profile
 
 
@@ -38,18 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     built = build(args.system, args.config, load_base(args.model))
     if args.torch_dropout:
         built.net.fast_dropout = False
-    optimizer = torch.optim.AdamW(built.params, lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (args.batch, args.length), generator=g)
-    labels = torch.randint(0, 2, (args.batch,), generator=g)
-    mask = torch.ones_like(ids)
-    built.net.train()
-
-    def step() -> None:
-        built.loss(ids, mask, labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = train_step(built, args.batch, args.length)
     step()
     step()
     with profile() as trace:
