@@ -3,22 +3,16 @@ same values and gradients from the same masks, or the comparison would time two 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from load_script import load_script
 from modfit import fast_dropout as fd
 
 
 def _bench() -> Any:
-    path = Path(__file__).resolve().parent.parent / "bench" / "mask_apply.py"
-    spec = importlib.util.spec_from_file_location("bench_mask_apply", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/mask_apply.py", "bench_mask_apply")
 
 
 def _backward(out: torch.Tensor) -> None:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from load_script import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "src" / "modfit" / "demo_data"
-SCRIPT = ROOT / "scripts" / "make_demo_data.py"
 
 EXPECTED_FILES = {
     "README.md",
@@ -28,16 +28,8 @@ EXPECTED_FILES = {
 }
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_demo_data", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up while the class is built
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
+def _load_script() -> ModuleType:
+    return load_script("scripts/make_demo_data.py", "make_demo_data")
 
 
 def _csv_rows(name: str) -> list[tuple[str, str]]:

@@ -5,7 +5,6 @@ experiment of `bench/hyperx.py` against the no-module baseline."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 import modfit
+from load_script import load_script
 from modfit.config import ConfigError
 from modfit.methods.hyperx import HyperGenerator, HyperXAdapterUnit, HyperXLoraUnit, HyperXUnit
 from modfit.model import ModularModel
@@ -369,12 +369,7 @@ def test_lang_tasks_data_is_deterministic_balanced_and_split(minilm_tokenizer: A
 
 
 def _bench() -> Any:
-    path = Path(__file__).resolve().parent.parent / "bench" / "hyperx.py"
-    spec = importlib.util.spec_from_file_location("bench_hyperx", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/hyperx.py", "bench_hyperx")
 
 
 @pytest.mark.heavy  # ~3-4 min: run with `pytest -m heavy`; bench/hyperx.py runs the full experiment

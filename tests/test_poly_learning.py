@@ -3,23 +3,16 @@ multi-task training, then few-shot adaptation to held-out tasks), and its alloca
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "poly.py"
+from load_script import load_script
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_poly", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/poly.py", "bench_poly")
 
 
 @pytest.mark.heavy  # 10 min 53 s on one thread: run with `pytest -m heavy`
