@@ -16,8 +16,6 @@ from .heads import HeadConfig
 from .model import wrap
 from .persistence import read_card
 
-# -- merge / fisher (issue 4: parameter-space merging) -----------------------------------------
-
 
 def _weights(text: str | None) -> list[float] | None:
     if text is None:

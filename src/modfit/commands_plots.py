@@ -24,8 +24,6 @@ from .commands import (
 from .model import ModularModel, wrap
 from .persistence import read_card
 
-# -- fusion-weights (issue 4: what a fusion attends to) ----------------------------------------
-
 
 def cmd_fusion_weights(args: argparse.Namespace) -> dict[str, Any]:
     from .compose.fusion_weights import as_json, format_table, fusion_weights, plot_fusion_weights
