@@ -24,8 +24,9 @@ every system, are in bench/peers_build.py. Parts (`--parts`):
   weights trained, plain transformers) is the reference row. `--compile modfit` (or `modfit,peft`)
   adds those systems' steps through `torch.compile` (inductor) as systems `modfit+compile` ...;
   their compilation falls in the warm-up steps, and their peak memory includes it.
-  `--torch-dropout` adds `modfit+torch-dropout`: modfit with `mm.fast_dropout = False`, so the base
-  model's dropout runs through torch's own kernels as in the peers (what the fast dropout is worth).
+  `--variants torch-kernels` adds `modfit+torch-kernels`: modfit with `mm.fast_dropout = False` and
+  `mm.fast_linear = False`, so the base model runs torch's own dropout and matrix products as in the
+  peers (what modfit's CPU kernels are worth); `torch-dropout` and `torch-linear` turn off one each.
 - `infer`: forward latency in eval mode of the base, LoRA unmerged and merged (modfit, PEFT), a
   pfeiffer adapter and a fusion of 3 (modfit, `adapters`), in one process, interleaved.
 - `persist`: save and load time of one LoRA and one pfeiffer module, and their size on disk.
@@ -56,7 +57,12 @@ from _timing import peak_rss_kib, reset_peak_rss, rss_kib, run_child, step_times
 HERE = Path(__file__).resolve().parent
 PARTS = ("check", "train", "infer", "persist", "addremove", "mixed")
 COMPILED = "+compile"  # a system's name with this suffix: its training step through torch.compile
-TORCH_DROPOUT = "+torch-dropout"  # modfit with `fast_dropout` off: the base's dropout is torch's own
+# modfit with some of its CPU kernels off (`--variants`): suffix -> the ModularModel switches set False
+VARIANTS = {
+    "+torch-dropout": ("fast_dropout",),
+    "+torch-linear": ("fast_linear",),
+    "+torch-kernels": ("fast_dropout", "fast_linear"),
+}
 
 
 def measure_train(
@@ -77,10 +83,11 @@ def measure_train(
     base = load_base(model)
     loaded = rss_kib()
     system, compiled = system.removesuffix(COMPILED), system.endswith(COMPILED)
-    system, torch_dropout = system.removesuffix(TORCH_DROPOUT), system.endswith(TORCH_DROPOUT)
+    switches_off = next((off for suffix, off in VARIANTS.items() if system.endswith(suffix)), ())
+    system = system.split("+")[0]
     built = build(system, config, base)
-    if torch_dropout:
-        built.net.fast_dropout = False
+    for switch in switches_off:
+        setattr(built.net, switch, False)
     # the whole loss (model, module, head) through torch.compile's default (inductor) backend; the
     # warm-up steps pay the compilation, the peak memory includes it
     step = train_step(built, batch, length, torch.compile(built.loss) if compiled else None)
@@ -102,7 +109,7 @@ def run_train(args: argparse.Namespace, model: str, configs: dict[str, tuple[str
         for config, peers in configs.items():
             systems = ["plain"] if config == "full" else ["modfit", *peers]
             systems += [s + COMPILED for s in systems if s in args.compile.split(",")]
-            systems += ["modfit" + TORCH_DROPOUT] if args.torch_dropout and config != "full" else []
+            systems += [f"modfit+{v}" for v in args.variants.split(",") if v] if config != "full" else []
             for system in systems if rep % 2 == 0 else systems[::-1]:
                 command = [sys.executable, __file__, "--child", f"{config}:{system}:{model}"]
                 command += [
@@ -155,8 +162,7 @@ def print_train(model: str, rows: dict[str, Any]) -> None:
                 for key in keys:
                     ours, theirs = med(config, system, key), med(config, peer, key)
                     cells += [_fmt(ours), _fmt(theirs), _ratio(ours, theirs)]
-                label = config + (" (modfit compiled)" if system.endswith(COMPILED) else "")
-                label += " (modfit, torch's dropout)" if system.endswith(TORCH_DROPOUT) else ""
+                label = config if system == "modfit" else f"{config} ({system})"  # e.g. modfit+compile
                 print(f"| {label} | {peer} | {' | '.join(cells)} |")
 
 
@@ -295,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         help="`train`: also run these systems (modfit, peft, adapters) through torch.compile",
     )
     parser.add_argument(
-        "--torch-dropout",
-        action="store_true",
-        help="`train`: also run modfit with torch's own dropout (fast_dropout off): modfit+torch-dropout",
+        "--variants",
+        default="",
+        metavar="NAMES",
+        help="`train`: also run modfit with some CPU kernels off: torch-kernels (fast_dropout and "
+        "fast_linear off), torch-dropout, torch-linear (comma-separated)",
     )
     parser.add_argument("--modules", type=int, default=100, help="modules added and removed in `addremove`")
     parser.add_argument("--json", action="store_true", help="print every value as JSON at the end")

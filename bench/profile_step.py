@@ -2,13 +2,13 @@
 
     PYTHONPATH=src .venv/peer/bin/python bench/profile_step.py --system modfit --config lora
     PYTHONPATH=src .venv/peer/bin/python bench/profile_step.py --system peft --config lora --rows 12
-    PYTHONPATH=src .venv/peer/bin/python bench/profile_step.py --system modfit --torch-dropout
+    PYTHONPATH=src .venv/peer/bin/python bench/profile_step.py --system modfit --torch-dropout --torch-linear
 
 The step is peers.py's (forward + backward + AdamW of module and head, train mode, batch `--batch` x
 `--length`, `--threads` threads) on the model and configuration peers_build.py builds; two warm-up
 steps, then `--steps` profiled ones. Prints the operators by self CPU time (the profiler's overhead
 inflates small operators; compare shares, not absolute times).
-`--torch-dropout`: modfit with `mm.fast_dropout = False`.
+`--torch-dropout`: modfit with `mm.fast_dropout = False`; `--torch-linear`: with `mm.fast_linear = False`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="lora", help="a peers_build.TRAIN_CONFIGS key")
     parser.add_argument("--model", default="minilm", help="minilm or bert-base")
     parser.add_argument("--torch-dropout", action="store_true")
+    parser.add_argument("--torch-linear", action="store_true")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     built = build(args.system, args.config, load_base(args.model))
     if args.torch_dropout:
         built.net.fast_dropout = False
+    if args.torch_linear:
+        built.net.fast_linear = False
     step = train_step(built, args.batch, args.length)
     step()
     step()

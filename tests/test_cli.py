@@ -952,3 +952,19 @@ def test_failure_during_training_keeps_the_saved_module(
     )
     assert_user_error(run, f"{failing} went wrong", started=True)
     assert "training 'sst'" in run.out and "saved" not in run.out
+
+
+def test_train_torch_linear(
+    capsys: pytest.CaptureFixture[str], bert: Path, data: Path, tmp_path: Path
+) -> None:
+    """modfit's oneDNN products and --torch-linear each repeat themselves under --seed, and train the
+    same module up to float32 rounding (the products sum in another order)."""
+    runs = {}
+    for run, extra in enumerate([(), (), ("--torch-linear",), ("--torch-linear",)]):
+        out = tmp_path / f"run{run}"
+        ok(modfit_cli(capsys, *_train_args(bert, "seq-cls", data / "train.csv", out, *extra)))
+        runs[run] = load_file(str(out / WEIGHTS))
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+        assert torch.equal(runs[2][key], runs[3][key]), key
+        torch.testing.assert_close(runs[0][key], runs[2][key], atol=1e-5, rtol=1e-4, msg=key)

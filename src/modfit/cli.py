@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(the same distribution, another random stream; see modfit.fast_dropout)",
     )
     p.add_argument(
+        "--torch-linear",
+        action="store_true",
+        help="compute the base model's linear layers with torch's own matrix products, not modfit's "
+        "oneDNN ones (the same float32 products, rounded in another order; see modfit.fast_linear)",
+    )
+    p.add_argument(
         "--compile",
         nargs="?",
         const="inductor",

@@ -266,6 +266,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = _tokenizer(args.base)
     mm = wrap(_base_model(args.base, task))
     mm.fast_dropout = not args.torch_dropout
+    mm.fast_linear = not args.torch_linear
     loaded = _load_modules(mm, args)
     # --seed fixes the new module's and its head's initial weights too, not only the data order:
     # the same command twice gives the same module.

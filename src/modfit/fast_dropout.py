@@ -17,29 +17,21 @@ generator per word, so `torch.manual_seed` makes runs reproducible); attention w
 math formula softmax(q kᵀ * scale + mask), masked by `keep`, times v / (1 - p). The masks are not
 torch's own masks (another stream), so a run does not repeat a run made with torch's dropout.
 
-`FastDropout` is a `TorchFunctionMode` that routes `F.dropout` and `F.scaled_dot_product_attention`
-with dropout to these functions and passes every other call on untouched; `install(model)` enters it
-around the model's forward while the model trains (see `ModularModel.fast_dropout`). The model's
-classes and forward code stay as they are.
+`cpu_kernels.CpuKernels` (a `TorchFunctionMode` entered around the model's forward while it trains)
+routes `F.dropout` and `F.scaled_dot_product_attention` with dropout here through `route_dropout`
+and `route_attention` (see `ModularModel.fast_dropout`). The model's classes and forward code stay
+as they are.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
-from .base import is_checkpointing
-
-_local = threading.local()  # per thread: the scratch words for the random bits, the entered modes
+_local = threading.local()  # per thread: the scratch words for the random bits
 
 
 def _random_words(count: int) -> torch.Tensor:
@@ -176,92 +168,29 @@ class _DroppedTimesValue(torch.autograd.Function):
         return grad_weights, None, grad_value
 
 
-SWITCH = "_modfit_fast_dropout"  # the model attribute `install`'s hooks read
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_DROPOUT_ARGS = ("input", "p", "training", "inplace")
+SWITCH = "_modfit_fast_dropout"  # the model attribute the CPU-kernel hooks read (see cpu_kernels.py)
 
 
-def _named(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """The call's arguments by name, or None if it passes one this module does not know."""
-    if len(args) > len(names) or not set(kwargs) <= set(names):
+def route_dropout(call: dict[str, Any]) -> torch.Tensor | None:
+    """An `F.dropout` call (its arguments by name) through `dropout`, or None where torch's own runs
+    it: in place, not training, or not on CPU."""
+    x = call.get("input")
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
         return None
-    return {**dict(zip(names, args, strict=False)), **kwargs}
+    if not call.get("training", True) or call.get("inplace", False):
+        return None
+    return dropout(x, float(call.get("p", 0.5)))
 
 
-class FastDropout(TorchFunctionMode):
-    """Routes CPU `F.dropout` (not in place) and `F.scaled_dot_product_attention` with dropout to
-    this module's `dropout` and `attention`; every other call runs as it would without the mode."""
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is not F.dropout and func is not F.scaled_dot_product_attention:  # nearly every call
-            return func(*args, **kwargs)
-        if func is F.dropout:
-            call = _named(_DROPOUT_ARGS, args, kwargs)
-            if (
-                call is not None
-                and call.get("training", True)
-                and not call.get("inplace", False)
-                and call["input"].device.type == "cpu"
-            ):
-                return dropout(call["input"], float(call.get("p", 0.5)))
-        elif func is F.scaled_dot_product_attention:
-            call = _named(_SDPA_ARGS, args, kwargs)
-            if (
-                call is not None
-                and call.get("dropout_p", 0.0) > 0.0
-                and call["query"].device.type == "cpu"
-                and not (call.get("is_causal", False) and call.get("attn_mask") is not None)  # torch raises
-                and not call["query"].is_nested
-            ):
-                return attention(**call)
-        return func(*args, **kwargs)
-
-
-def _applies(owner: nn.Module) -> bool:
-    if not owner.training or torch.compiler.is_compiling():  # inductor draws its own masks
-        return False
-    # Activation checkpointing recomputes layers in backward, outside this model's forward: torch's
-    # dropout would draw masks there that differ from the ones drawn here.
-    if is_checkpointing(owner):
-        return False
-    return bool(owner.__dict__.get(SWITCH, False))
-
-
-def _enter(owner: nn.Module, module: nn.Module, args: Any, kwargs: Any) -> None:
-    stack: list[FastDropout | None] = _local.__dict__.setdefault("modes", [])
-    mode = FastDropout() if _applies(owner) else None
-    if mode is not None:
-        mode.__enter__()
-    stack.append(mode)
-
-
-def _leave(owner: nn.Module, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-    stack: list[FastDropout | None] = _local.__dict__.get("modes", [])
-    mode = stack.pop() if stack else None
-    if mode is not None:
-        mode.__exit__(None, None, None)
-
-
-def install(owner: nn.Module, entries: list[nn.Module]) -> list[RemovableHandle]:
-    """Enter `FastDropout` around the forward of each of `entries` (the modules a caller may call
-    first: the model, its bare encoder) whenever `owner` trains and `owner.__dict__[SWITCH]` is true
-    (a plain attribute, so a deep copy of the model keeps its own setting).
-
-    Not while `torch.compile` traces it, nor with activation checkpointing on. The exit hook runs
-    even when the forward raises; entered twice (the model calls its encoder), the inner entry is
-    the one that acts. Returns the hooks' handles (`handle.remove()` uninstalls).
-    """
-    handles = []
-    for module in dict.fromkeys(entries):  # unique, in order
-        handles.append(module.register_forward_pre_hook(partial(_enter, owner), with_kwargs=True))
-        handles.append(
-            module.register_forward_hook(partial(_leave, owner), with_kwargs=True, always_call=True)
-        )
-    return handles
+def route_attention(call: dict[str, Any]) -> torch.Tensor | None:
+    """An `F.scaled_dot_product_attention` call with dropout through `attention`, or None where
+    torch's own runs it: no dropout (its fused kernels), not CPU, nested, or both a causal flag and a
+    mask (torch raises)."""
+    query = call.get("query")
+    if not isinstance(query, torch.Tensor) or query.device.type != "cpu" or query.is_nested:
+        return None
+    if call.get("dropout_p", 0.0) <= 0.0:
+        return None
+    if call.get("is_causal", False) and call.get("attn_mask") is not None:
+        return None
+    return attention(**call)

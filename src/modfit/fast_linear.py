@@ -1,0 +1,118 @@
+"""Linear layers for CPU training through oneDNN: the same float32 product from another GEMM library.
+
+Why: torch computes a float32 `F.linear` on CPU with MKL's sgemm. On the AMD EPYC (Zen 5) machines
+this project runs on, MKL takes a path that uses 256-bit vectors (about 210 GFLOP/s on 2 cores at
+BERT-base's shapes), while oneDNN, which torch ships as its `mkldnn` backend and which picks its
+kernels by the processor's instruction set, runs 512-bit ones: the same products in 0.45-0.5 of the
+time (`bench/linear_kernels.py`). A frozen base model's projections are most of a training step
+(matrix products were 83% of a BERT-base LoRA step), forward and backward.
+
+What runs, only for float32 CPU tensors, outside autocast::
+
+    out = x Wᵀ + b          (..., in) -> (..., out)    oneDNN inner product
+    dx  = dout W            (..., out) -> (..., in)    oneDNN, W read through its transpose (no copy)
+    dW  = doutᵀ x, db = Σ dout                         torch's own (only for weights that train)
+
+The products stay float32 (oneDNN's default strict math, no reduced-precision accumulation): their
+error against a float64 reference is of the same order as MKL's (tests/test_fast_linear.py), but the
+summation order differs, so results are not bitwise torch's. Autograd keeps what it keeps for
+`F.linear`: the input only when the weight trains, the weight only when the input needs a gradient.
+Not differentiable twice (`once_differentiable`); `ModularModel.fast_linear` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+SWITCH = "_modfit_fast_linear"  # the model attribute the CPU-kernel hooks read (see cpu_kernels.py)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # no tensor subclasses (fake, distributed, functional ...)
+
+
+def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b by oneDNN: x (rows, in), weight (out, in), any strides -> (rows, out)."""
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this torch build has the oneDNN kernel and this processor is x86-64 (elsewhere torch's
+    own BLAS is the one tuned for it). Checked once, on a product that is exact in float32."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    x = torch.arange(6.0).view(2, 3)
+    weight = torch.arange(12.0).view(4, 3)
+    bias = torch.ones(4)
+    try:
+        return torch.equal(_inner_product(x, weight, bias), F.linear(x, weight, bias))
+    except (AttributeError, RuntimeError, NotImplementedError):  # no such op, or it refuses plain tensors
+        return False
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear with oneDNN products forward and for the input's gradient (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        needs_x, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if needs_weight else None, weight if needs_x else None)
+        ctx.x_shape = x.shape
+        out = _inner_product(x.reshape(-1, x.shape[-1]), weight, bias)  # (rows, out)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])  # (rows, out)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _inner_product(grad, weight.t(), None).view(ctx.x_shape)  # dout W: (rows, in)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def _applies(x: Any, weight: Any, bias: Any) -> bool:
+    """A plain float32 product on CPU that F.linear would accept, outside autocast and functorch."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return (
+        all(type(t) in _PLAIN and t.dtype == torch.float32 and t.layout == torch.strided for t in tensors)
+        and x.device.type == "cpu"
+        and weight.dim() == 2
+        and (bias is None or bias.dim() == 1)
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1]
+        and x.numel() > 0
+        and weight.numel() > 0
+        and torch._C._get_mkldnn_enabled()  # the user's torch.backends.mkldnn.flags(enabled=False) wins
+        and not torch.is_autocast_enabled("cpu")  # autocast casts F.linear to bfloat16: torch's path
+        and not torch._C._are_functorch_transforms_active()  # vmap / grad need setup_context
+        and available()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, by oneDNN where it applies (float32 CPU tensors outside autocast on
+    x86-64), by torch otherwise. Shapes: x (..., in), weight (out, in), bias (out,) -> (..., out)."""
+    out = route({"input": x, "weight": weight, "bias": bias})
+    return F.linear(x, weight, bias) if out is None else out
+
+
+def route(call: dict[str, Any]) -> torch.Tensor | None:
+    """An `F.linear` call (its arguments by name) through oneDNN, or None where torch's own runs it."""
+    x, weight, bias = call.get("input"), call.get("weight"), call.get("bias")
+    if not _applies(x, weight, bias):
+        return None
+    out: torch.Tensor = _Linear.apply(x, weight, bias)
+    return out

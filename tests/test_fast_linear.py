@@ -1,0 +1,230 @@
+"""modfit.fast_linear: oneDNN's float32 products give F.linear's values and gradients to float32
+rounding (their error against float64 is of MKL's order), autograd keeps what it keeps for F.linear,
+every case the kernel does not cover runs torch's own, and a ModularModel uses it exactly when it
+should (training, switch on, no compile), with the loss and gradients of torch's products."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+import modfit
+from modfit import fast_linear
+from modfit.cpu_kernels import CpuKernels
+from modfit.fast_linear import linear
+
+pytestmark = pytest.mark.skipif(not fast_linear.available(), reason="no oneDNN kernel on this machine")
+
+
+def _operands(shape: tuple[int, ...], out: int, bias: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    weight = torch.randn(out, shape[-1], generator=g) / shape[-1] ** 0.5
+    b = torch.randn(out, generator=g) if bias else None
+    return (x, weight, b) if bias else (x, weight)
+
+
+def _error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return (value.double() - reference).abs().max().item()
+
+
+@pytest.mark.parametrize("shape", [(48,), (5, 48), (3, 7, 48), (2, 3, 5, 48), (300, 768)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_values_are_float32_products(shape: tuple[int, ...], bias: bool) -> None:
+    operands = _operands(shape, 96 if shape[-1] == 48 else 3072, bias)
+    reference = F.linear(*(t.double() for t in operands))
+    ours, torchs = linear(*operands), F.linear(*operands)
+    assert ours.shape == torchs.shape and ours.dtype == torch.float32
+    # float32 rounding of sums of in-features terms: oneDNN sums in another order than MKL, not worse
+    # than a few times MKL's error (measured: at most 2.5x, the largest 5.0e-06 at 768 -> 3072)
+    assert _error(ours, reference) <= max(4 * _error(torchs, reference), 1e-6)
+    torch.testing.assert_close(ours, torchs, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_input() -> None:
+    x, weight, bias = _operands((7, 5, 48), 32, True)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # (7, 5, 48), strided
+    torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trains", ["all", "input", "weight", "bias"])
+def test_gradients_are_torchs(trains: str) -> None:
+    x, weight, bias = _operands((4, 9, 64), 80, True)
+    grads = {}
+    for name, fn in (("ours", linear), ("torch", F.linear)):
+        leaves = [t.clone().requires_grad_(trains in ("all", role)) for t, role in
+                  ((x, "input"), (weight, "weight"), (bias, "bias"))]  # fmt: skip
+        upstream = torch.randn(4, 9, 80, generator=torch.Generator().manual_seed(1))
+        fn(*leaves).backward(upstream)
+        grads[name] = [t.grad for t in leaves]
+    for ours, theirs in zip(grads["ours"], grads["torch"], strict=True):
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def _saved(fn: Any, x: torch.Tensor, weight: torch.Tensor) -> list[int]:
+    """Storage addresses of the tensors autograd keeps for backward of fn(x, weight)."""
+    kept: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x, weight)
+    return kept
+
+
+@pytest.mark.parametrize("trains", ["input", "weight"])
+def test_keeps_what_torch_keeps(trains: str) -> None:
+    """A frozen weight: only the weight is kept (the input is not, as in F.linear); a weight that
+    trains on an input that needs no gradient: only the input."""
+    x, weight = _operands((6, 32), 16, False)
+    x.requires_grad_(trains == "input")
+    weight.requires_grad_(trains == "weight")
+    ours = _saved(linear, x, weight)
+    kept = weight if trains == "input" else x
+    assert ours == [kept.untyped_storage().data_ptr()]
+    assert set(ours) <= set(_saved(F.linear, x, weight))
+
+
+def test_twice_differentiable_is_refused() -> None:
+    x, weight = _operands((3, 8), 4, False)
+    x.requires_grad_()
+    (grad,) = torch.autograd.grad(linear(x, weight).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def test_torchs_own_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64, bfloat16, autocast, oneDNN switched off, no kernel, a shape mismatch: torch's F.linear."""
+    calls = [0]
+    apply = fast_linear._Linear.apply
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(fast_linear._Linear, "apply", counting)
+    x, weight, bias = _operands((5, 16), 8, True)
+    for dtype in (torch.float64, torch.bfloat16):
+        cast = [t.to(dtype) for t in (x, weight, bias)]
+        assert torch.equal(linear(*cast), F.linear(*cast))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, weight, bias).dtype == torch.bfloat16
+    torch.backends.mkldnn.enabled = False  # (its flags() context also sets TF32 for Intel GPUs: a warning)
+    try:
+        assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+    finally:
+        torch.backends.mkldnn.enabled = True
+    with pytest.raises(RuntimeError):  # torch's own error for a shape mismatch
+        linear(x, weight[:, :15], bias)
+    assert calls[0] == 0
+    linear(x, weight, bias)
+    assert calls[0] == 1
+    monkeypatch.setattr(fast_linear, "available", lambda: False)
+    assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+    assert calls[0] == 1
+
+
+def test_mode_routes_linear_calls() -> None:
+    x, weight, bias = _operands((5, 16), 8, True)
+    with CpuKernels(dropout=False, linear=True):
+        routed = F.linear(x, weight, bias=bias)
+        kept = F.dropout(x, 0.5)  # the dropout kernel is off: torch's own
+    assert routed.grad_fn is None and torch.equal(routed, linear(x, weight, bias))
+    assert kept.shape == x.shape
+
+
+# -- in a ModularModel ------------------------------------------------------------------------------
+
+
+def _bert(dropout: float = 0.0) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return transformers.BertModel(config, add_pooling_layer=False)
+
+
+def _lora_model(dropout: float = 0.0) -> modfit.ModularModel:
+    mm = modfit.wrap(_bert(dropout))
+    mm.add("m", modfit.config("lora", r=2), head=modfit.head("seq-cls", ["a", "b"]))
+    mm.activate("m")
+    with torch.no_grad():  # B away from zero, so gradients reach A too
+        for p in mm.module_parameters("m"):
+            p.normal_(0, 0.1)
+    mm.train()
+    return mm
+
+
+INPUTS = {"input_ids": torch.randint(1, 99, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+LABELS = torch.tensor([0, 1])
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the F.linear calls the fast kernel takes."""
+    calls = [0]
+    route = fast_linear.route
+
+    def counting(call: dict[str, Any]) -> torch.Tensor | None:
+        out = route(call)
+        calls[0] += out is not None
+        return out
+
+    monkeypatch.setattr(fast_linear, "route", counting)
+    return calls
+
+
+def test_model_uses_it_in_training(counted: list[int]) -> None:
+    mm = _lora_model()
+    assert mm.fast_linear
+    mm(**INPUTS, labels=LABELS).loss.backward()
+    assert counted[0] == 2 * 6  # q, k, v, attention output, FFN in and out per layer (the head is modfit's)
+
+
+@pytest.mark.parametrize("why", ["eval", "switched off", "compiling", "checkpointing"])
+def test_model_uses_torchs_products_otherwise(counted: list[int], why: str, monkeypatch: Any) -> None:
+    mm = _lora_model()
+    if why == "eval":
+        mm.eval()
+    elif why == "switched off":
+        mm.fast_linear = False
+    elif why == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    else:  # the recomputation would run torch's F.linear, which saves other tensors: refused by torch
+        mm.gradient_checkpointing_enable()
+    mm(**INPUTS, labels=LABELS).loss.backward()
+    assert counted[0] == 0
+
+
+def _loss_and_grads(mm: modfit.ModularModel) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    mm.zero_grad()
+    torch.manual_seed(0)  # the head's own dropout
+    loss = mm(**INPUTS, labels=LABELS).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in mm.parameters() if p.grad is not None]
+
+
+def test_training_step_equals_torchs() -> None:
+    mm = _lora_model()
+    loss, grads = _loss_and_grads(mm)
+    mm.fast_linear = False
+    loss_torch, grads_torch = _loss_and_grads(mm)
+    torch.testing.assert_close(loss, loss_torch, rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(grads_torch) > 0
+    for ours, theirs in zip(grads, grads_torch, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
