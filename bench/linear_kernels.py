@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/linear_kernels.py                              # BERT-base and MiniLM, 2 threads
     .venv/bin/python bench/linear_kernels.py --tokens 2048 --repeats 20 --threads 1
+    .venv/bin/python bench/linear_kernels.py --tokens 1,2,4,16 --repeats 200   # a decoding step's sizes
 
 For each projection shape (tokens x in -> out) it times, alternating the two kernels call by call,
 the forward product and the input gradient's product (dout W, the one a frozen weight needs in
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--models", default="bert-base,minilm")
-    parser.add_argument("--tokens", type=int, default=2048, help="rows of the product (batch x length)")
+    parser.add_argument(
+        "--tokens", default="2048", help="rows of the product (batch x length), comma-separated"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
@@ -67,32 +70,37 @@ def main(argv: list[str] | None = None) -> int:
             line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
         ]
         cpu = names[0].split(":", 1)[1].strip() if names else cpu
-    print(f"torch {torch.__version__}, {cpu}, {args.threads} threads, {args.tokens} tokens")
+    print(f"torch {torch.__version__}, {cpu}, {args.threads} threads")
     print(torch.__config__.show().splitlines()[3:5])  # the MKL and oneDNN lines
     print(
-        "| model | in -> out | forward: torch ms | oneDNN ms | ratio | dout W: torch ms | oneDNN ms | ratio "
-        "| error: torch | oneDNN |"
+        "| model | tokens | in -> out | forward: torch ms | oneDNN ms | ratio | dout W: torch ms | oneDNN ms "
+        "| ratio | error: torch | oneDNN |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for model in args.models.split(","):
-        for fan_in, fan_out in SHAPES[model]:
-            x = torch.randn(args.tokens, fan_in)
-            weight = torch.randn(fan_out, fan_in) / fan_in**0.5
-            bias = torch.randn(fan_out)
-            grad = torch.randn(args.tokens, fan_out)
-            forward = _median_ms(
-                partial(F.linear, x, weight, bias), partial(ONEDNN, x, weight, bias), args.repeats
-            )
-            backward = _median_ms(
-                partial(torch.mm, grad, weight), partial(ONEDNN, grad, weight.t(), None), args.repeats
-            )
-            reference = F.linear(x.double(), weight.double(), bias.double())
-            errors = _error(F.linear(x, weight, bias), reference), _error(ONEDNN(x, weight, bias), reference)
-            print(
-                f"| {model} | {fan_in} -> {fan_out} | {forward[0]:.2f} | {forward[1]:.2f} | "
-                f"{forward[1] / forward[0]:.2f} | {backward[0]:.2f} | {backward[1]:.2f} | "
-                f"{backward[1] / backward[0]:.2f} | {errors[0]:.1e} | {errors[1]:.1e} |"
-            )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cases = [
+        (m, int(t), shape)
+        for m in args.models.split(",")
+        for t in args.tokens.split(",")
+        for shape in SHAPES[m]
+    ]
+    for model, tokens, (fan_in, fan_out) in cases:
+        x = torch.randn(tokens, fan_in)
+        weight = torch.randn(fan_out, fan_in) / fan_in**0.5
+        bias = torch.randn(fan_out)
+        grad = torch.randn(tokens, fan_out)
+        forward = _median_ms(
+            partial(F.linear, x, weight, bias), partial(ONEDNN, x, weight, bias), args.repeats
+        )
+        backward = _median_ms(
+            partial(torch.mm, grad, weight), partial(ONEDNN, grad, weight.t(), None), args.repeats
+        )
+        reference = F.linear(x.double(), weight.double(), bias.double())
+        errors = _error(F.linear(x, weight, bias), reference), _error(ONEDNN(x, weight, bias), reference)
+        print(
+            f"| {model} | {tokens} | {fan_in} -> {fan_out} | {forward[0]:.3g} | {forward[1]:.3g} | "
+            f"{forward[1] / forward[0]:.2f} | {backward[0]:.3g} | {backward[1]:.3g} | "
+            f"{backward[1] / backward[0]:.2f} | {errors[0]:.1e} | {errors[1]:.1e} |"
+        )
     return 0
 
 

@@ -17,6 +17,11 @@ so load on the machine falls on both alike; the table gives medians in ms per ba
 PEFT / modfit (> 1: modfit is faster). A sanity line per k gives the largest difference between
 modfit's and PEFT's outputs. Without PEFT (the import fails) modfit is timed alone.
 
+The base runs as modfit runs it: through its CPU kernels (`modfit.fast_linear`: oneDNN's products,
+rounded in another order than torch's, so the outputs differ from PEFT's by about 1e-6).
+`--torch-linear` times modfit (and the base) again with `mm.fast_linear = False`, the base's products
+then torch's as in PEFT, and adds those columns.
+
 modfit gathers each row's A and B and applies them with two batched products per projection
 (`LoraUnit.batched`, `route(...)` in routing/fixed.py); PEFT's mixed batch loops over the distinct
 adapters in the batch and runs each one's LoRA on its rows.
@@ -95,6 +100,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument(
+        "--torch-linear", action="store_true", help="also time modfit with mm.fast_linear = False"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     counts = [int(k) for k in args.distinct.split(",")]
@@ -112,7 +120,8 @@ def main() -> None:
     mask = torch.ones_like(ids)
     routes = {k: [names[b % k] for b in range(args.batch)] for k in counts}
 
-    def run_modfit(k: int) -> torch.Tensor:
+    def run_modfit(k: int, fast: bool = True) -> torch.Tensor:
+        mm.fast_linear = fast
         with modfit.routing.routed(routes[k]):
             return base(input_ids=ids, attention_mask=mask).last_hidden_state
 
@@ -120,7 +129,8 @@ def main() -> None:
         assert peft_model is not None
         return peft_model(input_ids=ids, attention_mask=mask, adapter_names=routes[k]).last_hidden_state
 
-    def run_base() -> torch.Tensor:
+    def run_base(fast: bool = True) -> torch.Tensor:
+        mm.fast_linear = fast
         mm.deactivate()
         try:
             return base(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -136,7 +146,10 @@ def main() -> None:
             ours = run_modfit(k)
             line = f"  k={k}: modfit vs PEFT max abs diff "
             if peft_model is not None:
-                line += f"{(ours - run_peft(k)).abs().max().item():.2e}"
+                theirs = run_peft(k)
+                line += f"{(ours - theirs).abs().max().item():.2e}"
+                if args.torch_linear:
+                    line += f" (torch-linear: {(run_modfit(k, False) - theirs).abs().max().item():.2e})"
             else:
                 line += "n/a"
             one = routes[k][0]
@@ -149,25 +162,34 @@ def main() -> None:
     times: dict[str, list[float]] = {"base": []}
     for rep in range(args.repeats):
         times["base"].append(timed(run_base))
+        if args.torch_linear:
+            times.setdefault("base+torch-linear", []).append(timed(lambda: run_base(False)))
         for k in counts:
-            order = (
-                [("modfit", run_modfit), ("peft", run_peft)]
-                if peft_model is not None
-                else [("modfit", run_modfit)]
-            )
+            order: list[tuple[str, Any]] = [("modfit", run_modfit)]
+            if args.torch_linear:
+                order.append(("modfit+torch-linear", lambda k: run_modfit(k, False)))
+            if peft_model is not None:
+                order.append(("peft", run_peft))
             for system, run in order if rep % 2 == 0 else order[::-1]:
                 times.setdefault(f"{system}/{k}", []).append(timed(lambda run=run, k=k: run(k)))
         print(f"  repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
 
     med = {key: statistics.median(values) for key, values in times.items()}
-    print(f"base model alone (no LoRA): {med['base']:.0f} ms per batch")
-    print(f"{'distinct':>8} | {'modfit ms':>9} | {'PEFT ms':>9} | {'PEFT/modfit':>11}")
+    line = f"base model alone (no LoRA), through modfit's kernels: {med['base']:.0f} ms per batch"
+    if args.torch_linear:
+        line += f"; torch's: {med['base+torch-linear']:.0f} ms"
+    print(line)
+    header = f"{'distinct':>8} | {'modfit ms':>9} | {'PEFT ms':>9} | {'PEFT/modfit':>11}"
+    print(header + (f" | {'modfit, torch-linear ms':>23} | {'PEFT/that':>9}" if args.torch_linear else ""))
     for k in counts:
-        ours = med[f"modfit/{k}"]
         theirs = med.get(f"peft/{k}")
-        ratio = f"{theirs / ours:11.2f}" if theirs is not None else f"{'n/a':>11}"
-        shown = f"{theirs:9.0f}" if theirs is not None else f"{'n/a':>9}"
-        print(f"{k:>8} | {ours:9.0f} | {shown} | {ratio}")
+        cells = [f"{k:>8}", f"{med[f'modfit/{k}']:9.0f}", f"{theirs:9.0f}" if theirs else f"{'n/a':>9}"]
+        for system, width in [("modfit", 11)] + ([("modfit+torch-linear", 9)] if args.torch_linear else []):
+            ours = med[f"{system}/{k}"]
+            if system != "modfit":
+                cells.append(f"{ours:23.0f}")
+            cells.append(f"{theirs / ours:{width}.2f}" if theirs else f"{'n/a':>{width}}")
+        print(" | ".join(cells))
     if args.json:
         print(json.dumps({"args": vars(args), "median_ms": med, "all_ms": times}, indent=1))
 

@@ -28,7 +28,9 @@ every system, are in bench/peers_build.py. Parts (`--parts`):
   `mm.fast_linear = False`, so the base model runs torch's own dropout and matrix products as in the
   peers (what modfit's CPU kernels are worth); `torch-dropout` and `torch-linear` turn off one each.
 - `infer`: forward latency in eval mode of the base, LoRA unmerged and merged (modfit, PEFT), a
-  pfeiffer adapter and a fusion of 3 (modfit, `adapters`), in one process, interleaved.
+  pfeiffer adapter and a fusion of 3 (modfit, `adapters`), in one process, interleaved; also modfit
+  holding an inactive LoRA (the base as modfit runs it, through its CPU kernels: each modfit row's
+  "own base"). A `--variants` entry that turns `fast_linear` off adds modfit's rows again with it off.
 - `persist`: save and load time of one LoRA and one pfeiffer module, and their size on disk.
 - `addremove`: time to add `--modules` LoRA (pfeiffer) modules to one model, and to remove them.
 - `mixed`: mixed-batch inference, modfit `route(...)` against PEFT `adapter_names=`: runs
@@ -176,9 +178,10 @@ def print_pairs(
         a, b = _median(times.get(ours, [])), _median(times.get(theirs, []))
         if a is None and b is None:
             continue
+        system, config = ours.split("/")
+        label = config if system == "modfit" else f"{config} ({system})"  # e.g. modfit+torch-linear
         print(
-            f"| {ours.split('/')[-1]} | {theirs.split('/')[0]} | {_fmt(a, digits)} | {_fmt(b, digits)} "
-            f"| {_ratio(a, b)} |"
+            f"| {label} | {theirs.split('/')[0]} | {_fmt(a, digits)} | {_fmt(b, digits)} | {_ratio(a, b)} |"
         )
 
 
@@ -188,6 +191,7 @@ def run_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
     peers = set(args.peers.split(","))
     wanted = args.configs.split(",") if args.configs else list(TRAIN_CONFIGS)
     configs = {c: tuple(p for p in TRAIN_CONFIGS[c] if p in peers) for c in wanted}
+    variants = [v for v in args.variants.split(",") if v]
     out: dict[str, Any] = {}
     if "check" in args.parts:
         out["check"] = run_check(model, configs)
@@ -197,20 +201,24 @@ def run_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
     if "infer" in args.parts:
         from peers_ops import inference
 
-        out["infer"] = inference(model, args.batch, args.length, args.repeats, peers)
+        torch_linear = any("fast_linear" in VARIANTS[f"+{v}"] for v in variants)
+        out["infer"] = inference(model, args.batch, args.length, args.repeats, peers, torch_linear)
         ms = out["infer"]["ms"]
         base_ms = _median(ms["base"])
         print(
             f"\n{model}: inference, batch {args.batch} x {args.length} "
-            f"(median ms; base model {_fmt(base_ms)})"
+            f"(median ms; base model {_fmt(base_ms)}; modfit's own base: its rows /lora-inactive)"
         )
         for label in ms:
+            own = f"{label.split('/')[0]}/lora-inactive"
+            versus_own = f"   vs own base {_ratio(_median(ms[label]), _median(ms[own]))}" if own in ms else ""
             print(
-                f"  {label:<22} {_fmt(_median(ms[label])):>8} ms   "
-                f"vs base {_ratio(_median(ms[label]), base_ms)}"
+                f"  {label:<34} {_fmt(_median(ms[label])):>8} ms   "
+                f"vs base {_ratio(_median(ms[label]), base_ms)}{versus_own}"
             )
-        pairs = [(f"modfit/{c}", f"peft/{c}") for c in ("lora", "lora-merged")]
-        pairs += [(f"modfit/{c}", f"adapters/{c}") for c in ("pfeiffer", "fusion3")]
+        modfits = ("modfit", "modfit+torch-linear") if torch_linear else ("modfit",)
+        pairs = [(f"{m}/{c}", f"peft/{c}") for m in modfits for c in ("lora", "lora-merged")]
+        pairs += [(f"{m}/{c}", f"adapters/{c}") for m in modfits for c in ("pfeiffer", "fusion3")]
         print_pairs(f"{model}: inference, modfit / peer", ms, pairs)
     if "persist" in args.parts or "addremove" in args.parts:
         from peers_ops import PERSIST, add_remove, persistence
@@ -234,6 +242,7 @@ def run_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
     if "mixed" in args.parts and "peft" in peers:
         command = [sys.executable, str(HERE / "mixed_batch.py"), "--model", model, "--json"]
         command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+        command += ["--torch-linear"] if any("fast_linear" in VARIANTS[f"+{v}"] for v in variants) else []
         print(f"\n{model}: mixed batch (bench/mixed_batch.py)")
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         text = done.stdout

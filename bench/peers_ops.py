@@ -30,28 +30,38 @@ def _interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[st
     return times
 
 
-def inference(model: str, batch: int, length: int, repeats: int, peers: set[str]) -> dict[str, Any]:
+MODFIT_INFER = ("lora", "lora-merged", "lora-inactive", "pfeiffer", "fusion3")
+
+
+def inference(
+    model: str, batch: int, length: int, repeats: int, peers: set[str], torch_linear: bool = False
+) -> dict[str, Any]:
     """Forward latency (eval, no_grad) of the base, LoRA unmerged and merged (modfit, PEFT), and a
-    pfeiffer adapter and a fusion of 3 (modfit, adapters). Returns {"ms": {label: [...]}, "diff": ...}."""
+    pfeiffer adapter and a fusion of 3 (modfit, adapters). `modfit/lora-inactive` holds a LoRA module
+    but none active: the base model as modfit runs it (through its CPU kernels), the reference for
+    modfit's own overhead. With `torch_linear`, modfit's rows again as `modfit+torch-linear/...`, its
+    base products through torch's kernels as in the peers. Returns {"ms": {label: [...]}, ...}."""
     base = load_base(model).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (batch, length), generator=g)
     mask = torch.ones_like(ids)
     runs: dict[str, Callable[[], object]] = {"base": lambda: base(input_ids=ids, attention_mask=mask)}
-    built: dict[str, Built] = {}
-    wanted = [("modfit", "lora"), ("modfit", "lora-merged")]
+    modfits = ("modfit", "modfit+torch-linear") if torch_linear else ("modfit",)
+    wanted = [(s, c) for s in modfits for c in MODFIT_INFER]
     wanted += [(s, c) for s in ("peft",) if s in peers for c in ("lora", "lora-merged")]
-    wanted += [("modfit", "pfeiffer"), ("modfit", "fusion3")]
     wanted += [(s, c) for s in ("adapters",) if s in peers for c in ("pfeiffer", "fusion3")]
     for system, config in wanted:
-        one = build(system, config.removesuffix("-merged"), copy.deepcopy(base), head=False)
+        one = build(system.split("+")[0], config.split("-")[0], copy.deepcopy(base), head=False)
         one.net.eval()
+        if system.endswith("+torch-linear"):
+            one.handle.fast_linear = False
         if config == "lora-merged":
-            if system == "modfit":
+            if system.startswith("modfit"):
                 one.handle.merge("m")
             else:
                 one.handle.merge_adapter()  # PEFT: W += BA, undone by unmerge_adapter()
-        built[f"{system}/{config}"] = one
+        elif config == "lora-inactive":
+            one.handle.deactivate()
         runs[f"{system}/{config}"] = lambda one=one: one.hidden(ids, mask)
     for run in runs.values():  # one warm-up each
         timed(run)

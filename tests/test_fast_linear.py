@@ -1,7 +1,8 @@
 """modfit.fast_linear: oneDNN's float32 products give F.linear's values and gradients to float32
 rounding (their error against float64 is of MKL's order), autograd keeps what it keeps for F.linear,
 every case the kernel does not cover runs torch's own, and a ModularModel uses it exactly when it
-should (training, switch on, no compile), with the loss and gradients of torch's products."""
+should (switch on, no compile; in training, no checkpointing; in inference, products from MIN_MACS
+multiply-adds), with the loss, gradients and outputs of torch's products."""
 
 from __future__ import annotations
 
@@ -18,6 +19,25 @@ from modfit.cpu_kernels import CpuKernels
 from modfit.fast_linear import linear
 
 pytestmark = pytest.mark.skipif(not fast_linear.available(), reason="no oneDNN kernel on this machine")
+DEFAULT_MIN_MACS = fast_linear.MIN_MACS
+
+
+@pytest.fixture(autouse=True)
+def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel for inference products of every size, so the small operands here exercise it."""
+    monkeypatch.setattr(fast_linear, "MIN_MACS", 0)
+
+
+def _count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    product = fast_linear._inner_product
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls[0] += 1
+        return product(*args)
+
+    monkeypatch.setattr(fast_linear, "_inner_product", counting)
+    return calls
 
 
 def _operands(shape: tuple[int, ...], out: int, bias: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -103,14 +123,7 @@ def test_twice_differentiable_is_refused() -> None:
 
 def test_torchs_own_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     """float64, bfloat16, autocast, oneDNN switched off, no kernel, a shape mismatch: torch's F.linear."""
-    calls = [0]
-    apply = fast_linear._Linear.apply
-
-    def counting(*args: Any) -> torch.Tensor:
-        calls[0] += 1
-        return apply(*args)
-
-    monkeypatch.setattr(fast_linear._Linear, "apply", counting)
+    calls = _count_kernel_calls(monkeypatch)
     x, weight, bias = _operands((5, 16), 8, True)
     for dtype in (torch.float64, torch.bfloat16):
         cast = [t.to(dtype) for t in (x, weight, bias)]
@@ -139,6 +152,34 @@ def test_mode_routes_linear_calls() -> None:
         kept = F.dropout(x, 0.5)  # the dropout kernel is off: torch's own
     assert routed.grad_fn is None and torch.equal(routed, linear(x, weight, bias))
     assert kept.shape == x.shape
+
+
+def test_small_inference_products_stay_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below MIN_MACS (rows x in x out) a product that needs no gradient is torch's: oneDNN's fixed
+    cost per call makes it the slower one there (a decoding step's single row)."""
+    monkeypatch.setattr(fast_linear, "MIN_MACS", DEFAULT_MIN_MACS)
+    calls = _count_kernel_calls(monkeypatch)
+    weight = _operands((384,), 384, False)[1]
+    one_row = torch.randn(1, 1, 384)
+    assert torch.equal(linear(one_row, weight), F.linear(one_row, weight))
+    assert calls[0] == 0
+    rows = torch.randn(2, 8, 384)  # 16 x 384 x 384 multiply-adds
+    torch.testing.assert_close(linear(rows, weight), F.linear(rows, weight), rtol=1e-5, atol=1e-5)
+    assert calls[0] == 1
+    one_row.requires_grad_()  # training: every size (a backward needs the autograd function)
+    linear(one_row, weight).sum().backward()
+    assert calls[0] == 3 and one_row.grad is not None
+
+
+def test_no_autograd_record_without_gradients() -> None:
+    x, weight, bias = _operands((4, 16), 8, True)
+    weight.requires_grad_()
+    with torch.no_grad():
+        assert linear(x, weight, bias).grad_fn is None
+    with torch.inference_mode():
+        out = linear(x, weight, bias)
+    assert out.is_inference() and torch.allclose(out, F.linear(x, weight, bias).detach(), atol=1e-6)
+    assert linear(x, weight.detach(), bias).grad_fn is None
 
 
 # -- in a ModularModel ------------------------------------------------------------------------------
@@ -196,12 +237,10 @@ def test_model_uses_it_in_training(counted: list[int]) -> None:
     assert counted[0] == 2 * 6  # q, k, v, attention output, FFN in and out per layer (the head is modfit's)
 
 
-@pytest.mark.parametrize("why", ["eval", "switched off", "compiling", "checkpointing"])
+@pytest.mark.parametrize("why", ["switched off", "compiling", "checkpointing"])
 def test_model_uses_torchs_products_otherwise(counted: list[int], why: str, monkeypatch: Any) -> None:
     mm = _lora_model()
-    if why == "eval":
-        mm.eval()
-    elif why == "switched off":
+    if why == "switched off":
         mm.fast_linear = False
     elif why == "compiling":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -209,6 +248,23 @@ def test_model_uses_torchs_products_otherwise(counted: list[int], why: str, monk
         mm.gradient_checkpointing_enable()
     mm(**INPUTS, labels=LABELS).loss.backward()
     assert counted[0] == 0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_model_uses_it_in_inference(counted: list[int], checkpointing: bool) -> None:
+    """eval (checkpointing plays no part there): the base's products by oneDNN, the outputs torch's
+    to float32 rounding; switched off, torch's exactly."""
+    mm = _lora_model()
+    if checkpointing:
+        mm.gradient_checkpointing_enable()
+    mm.eval()
+    with torch.no_grad():
+        ours = mm(**INPUTS).logits
+        assert counted[0] == 6 * 2
+        mm.fast_linear = False
+        torchs = mm(**INPUTS).logits
+    assert counted[0] == 6 * 2
+    torch.testing.assert_close(ours, torchs, rtol=1e-5, atol=1e-6)
 
 
 def _loss_and_grads(mm: modfit.ModularModel) -> tuple[torch.Tensor, list[torch.Tensor]]:

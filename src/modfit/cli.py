@@ -50,6 +50,15 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=positive_int, default=128)
 
 
+def _torch_linear_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--torch-linear",
+        action="store_true",
+        help="compute the base model's linear layers with torch's own matrix products, not modfit's "
+        "oneDNN ones (the same float32 products, rounded in another order; see modfit.fast_linear)",
+    )
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format",
@@ -106,12 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw the base model's dropout masks with torch's own dropout, not modfit's faster one "
         "(the same distribution, another random stream; see modfit.fast_dropout)",
     )
-    p.add_argument(
-        "--torch-linear",
-        action="store_true",
-        help="compute the base model's linear layers with torch's own matrix products, not modfit's "
-        "oneDNN ones (the same float32 products, rounded in another order; see modfit.fast_linear)",
-    )
+    _torch_linear_arg(p)
     p.add_argument(
         "--compile",
         nargs="?",
@@ -138,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=f"{what} saved modules on a data file")
         _common_model_args(p)
         _data_args(p)
+        _torch_linear_arg(p)
         p.add_argument(
             "--data", required=True, metavar="FILE | TASK=FILE", help="the data (TASK=: all of one task)"
         )

@@ -438,6 +438,7 @@ def _setup_loaded(args: argparse.Namespace) -> tuple[ModularModel, Any, HeadConf
     if not tasks:
         raise ValueError("none of the --load modules has a task head; nothing to evaluate or predict with")
     mm = wrap(_base_model(args.base, tasks[-1]))
+    mm.fast_linear = not args.torch_linear
     names = _load_modules(mm, args)
     _activate_loaded(mm, names, args.compose)
     if mm.head_name is None:

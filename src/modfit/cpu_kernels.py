@@ -1,4 +1,4 @@
-"""modfit's CPU kernels in a training forward: a `TorchFunctionMode` routes the frozen base model's
+"""modfit's CPU kernels in a forward: a `TorchFunctionMode` routes the frozen base model's
 torch calls to them, with no change to the model's classes or forward code.
 
 | torch call                                  | kernel                | switch (on by default)      |
@@ -9,10 +9,11 @@ torch calls to them, with no change to the model's classes or forward code.
 
 Each kernel keeps to CPU tensors and hands any call it does not cover back to torch; every other
 torch call passes through untouched. `install(model, entries)` enters the mode around the forward of
-the modules a caller may call first, whenever the model trains, reading the switches at each call:
+the modules a caller may call first, reading the switches at each call: both kernels while the model
+trains, the linear one in eval (dropout is off there), and neither
 
-- not while `torch.compile` traces the model (inductor chooses its own kernels);
-- not with activation checkpointing: the recomputation in backward runs outside the mode, so it
+- while `torch.compile` traces the model (inductor chooses its own kernels);
+- nor in training with activation checkpointing: the recomputation in backward runs outside the mode, so it
   would draw torch's dropout masks instead of the ones drawn here, and torch's `F.linear` saves
   other tensors for backward than `fast_linear` does, which checkpointing's check refuses.
 """
@@ -81,9 +82,9 @@ _local = threading.local()  # per thread: the modes entered by the hooks, innerm
 
 def _kernels(owner: nn.Module) -> CpuKernels | None:
     """The mode for one forward of `owner`, or None where no kernel applies."""
-    if not owner.training or torch.compiler.is_compiling() or is_checkpointing(owner):
+    if torch.compiler.is_compiling() or (owner.training and is_checkpointing(owner)):
         return None
-    dropout = bool(owner.__dict__.get(fast_dropout.SWITCH, False))
+    dropout = owner.training and bool(owner.__dict__.get(fast_dropout.SWITCH, False))
     linear = bool(owner.__dict__.get(fast_linear.SWITCH, False))
     return CpuKernels(dropout, linear) if dropout or linear else None
 
@@ -105,7 +106,7 @@ def _leave(owner: nn.Module, module: nn.Module, args: Any, kwargs: Any, output: 
 
 def install(owner: nn.Module, entries: list[nn.Module]) -> list[RemovableHandle]:
     """Enter `CpuKernels` around the forward of each of `entries` (the modules a caller may call first:
-    the model, its bare encoder) whenever `owner` trains, with the kernels whose switches are true in
+    the model, its bare encoder), with the kernels whose switches are true in
     `owner.__dict__` (plain attributes, so a deep copy of the model keeps its own settings).
 
     The exit hook runs even when the forward raises; entered twice (the model calls its encoder), the

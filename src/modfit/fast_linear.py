@@ -1,11 +1,11 @@
-"""Linear layers for CPU training through oneDNN: the same float32 product from another GEMM library.
+"""Linear layers on CPU through oneDNN: the same float32 product from another GEMM library.
 
 Why: torch computes a float32 `F.linear` on CPU with MKL's sgemm. On the AMD EPYC (Zen 5) machines
 this project runs on, MKL takes a path that uses 256-bit vectors (about 210 GFLOP/s on 2 cores at
 BERT-base's shapes), while oneDNN, which torch ships as its `mkldnn` backend and which picks its
 kernels by the processor's instruction set, runs 512-bit ones: the same products in 0.45-0.5 of the
 time (`bench/linear_kernels.py`). A frozen base model's projections are most of a training step
-(matrix products were 83% of a BERT-base LoRA step), forward and backward.
+(matrix products were 83% of a BERT-base LoRA step), forward and backward, and of inference.
 
 What runs, only for float32 CPU tensors, outside autocast::
 
@@ -18,6 +18,12 @@ error against a float64 reference is of the same order as MKL's (tests/test_fast
 summation order differs, so results are not bitwise torch's. Autograd keeps what it keeps for
 `F.linear`: the input only when the weight trains, the weight only when the input needs a gradient.
 Not differentiable twice (`once_differentiable`); `ModularModel.fast_linear` turns it off.
+
+Where no gradient is needed (eval, `torch.no_grad`, nothing that requires one) the product runs
+without the autograd wrapper, and only from `MIN_MACS` multiply-adds up: oneDNN's fixed cost per call
+makes it the slower one for a few rows through a small matrix (a decoding step through MiniLM's
+384 x 384 projections: 14 us against MKL's 8 us for one row; from 4 rows, or from 768 x 768 at one
+row, it is as fast or faster: `bench/linear_kernels.py --tokens 1,2,4,16`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch.autograd.function import once_differentiable
 
 SWITCH = "_modfit_fast_linear"  # the model attribute the CPU-kernel hooks read (see cpu_kernels.py)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # no tensor subclasses (fake, distributed, functional ...)
+MIN_MACS = 1 << 19  # rows x in x out from which an inference product goes to oneDNN (see above)
 
 
 def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -114,5 +121,9 @@ def route(call: dict[str, Any]) -> torch.Tensor | None:
     x, weight, bias = call.get("input"), call.get("weight"), call.get("bias")
     if not _applies(x, weight, bias):
         return None
-    out: torch.Tensor = _Linear.apply(x, weight, bias)
-    return out
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        out: torch.Tensor = _Linear.apply(x, weight, bias)
+        return out
+    if x.numel() * weight.shape[0] < MIN_MACS:  # rows x in x out: a small inference product
+        return None
+    return _inner_product(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])

@@ -158,10 +158,12 @@ class ModularModel(nn.Module):
     @property
     def fast_linear(self) -> bool:
         """Whether the base model's float32 `F.linear` calls run through `modfit.fast_linear` (oneDNN's
-        matrix products, forward and for the input gradient) while it trains on an x86-64 CPU: the
-        same float32 products in about half of MKL's time on the AMD EPYC this project measures on,
-        rounded in another order. True by default; False runs torch's own products.
-        Not used under `torch.compile`, autocast or activation checkpointing (see `cpu_kernels`).
+        matrix products, forward and for the input gradient) on an x86-64 CPU, in training and in
+        inference (there only products of `fast_linear.MIN_MACS` multiply-adds and up): the same
+        float32 products in about half of MKL's time on the AMD EPYC this project measures on,
+        rounded in another order (outputs differ from torch's by about 1e-6). True by default; False
+        runs torch's own products. Not used under `torch.compile`, autocast or, in training,
+        activation checkpointing (see `cpu_kernels`).
         """
         return bool(self.model.__dict__.get(fast_linear.SWITCH, False))
 
