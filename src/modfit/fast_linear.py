@@ -121,6 +121,7 @@ def route(call: dict[str, Any]) -> torch.Tensor | None:
     x, weight, bias = call.get("input"), call.get("weight"), call.get("bias")
     if not _applies(x, weight, bias):
         return None
+    assert isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)  # as _applies checked
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         out: torch.Tensor = _Linear.apply(x, weight, bias)
         return out
