@@ -968,3 +968,39 @@ def test_train_torch_linear(
         assert torch.equal(runs[0][key], runs[1][key]), key
         assert torch.equal(runs[2][key], runs[3][key]), key
         torch.testing.assert_close(runs[0][key], runs[2][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_inference_torch_linear(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    bert: Path,
+    data: Path,
+    sst: Path,
+    tmp_path: Path,
+    command: str,
+) -> None:
+    """eval and predict run the base's products through modfit.fast_linear unless --torch-linear (the
+    tiny test model's products are all below MIN_MACS: the threshold is lowered here)."""
+    from modfit import fast_linear
+
+    monkeypatch.setattr(fast_linear, "MIN_MACS", 0)
+    taken = [0]
+    route = fast_linear.route
+
+    def counting(call: dict[str, Any]) -> torch.Tensor | None:
+        out = route(call)
+        taken[0] += out is not None
+        return out
+
+    monkeypatch.setattr(fast_linear, "route", counting)
+    results = []
+    for extra in ((), ("--torch-linear",)):
+        before = taken[0]
+        args: list[str | Path] = [command, "--base", bert, "--load", sst, "--data", data / "dev.csv", *extra]
+        out = tmp_path / f"predictions{len(extra)}.csv"
+        args += ["--out", out] if command == "predict" else ["--json"]
+        run = ok(modfit_cli(capsys, *args))
+        results.append(out.read_text() if command == "predict" else run.json()["metrics"]["accuracy"])
+        assert (taken[0] > before) == (not extra)
+    assert results[0] == results[1]
