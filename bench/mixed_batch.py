@@ -183,12 +183,15 @@ def main() -> None:
     print(header + (f" | {'modfit, torch-linear ms':>23} | {'PEFT/that':>9}" if args.torch_linear else ""))
     for k in counts:
         theirs = med.get(f"peft/{k}")
-        cells = [f"{k:>8}", f"{med[f'modfit/{k}']:9.0f}", f"{theirs:9.0f}" if theirs else f"{'n/a':>9}"]
-        for system, width in [("modfit", 11)] + ([("modfit+torch-linear", 9)] if args.torch_linear else []):
-            ours = med[f"{system}/{k}"]
-            if system != "modfit":
-                cells.append(f"{ours:23.0f}")
-            cells.append(f"{theirs / ours:{width}.2f}" if theirs else f"{'n/a':>{width}}")
+
+        def versus(ours: float, width: int, theirs: float | None = theirs) -> str:
+            return f"{theirs / ours:{width}.2f}" if theirs else f"{'n/a':>{width}}"
+
+        ours = med[f"modfit/{k}"]
+        cells = [f"{k:>8}", f"{ours:9.0f}", f"{theirs:9.0f}" if theirs else f"{'n/a':>9}", versus(ours, 11)]
+        if args.torch_linear:
+            ours = med[f"modfit+torch-linear/{k}"]
+            cells += [f"{ours:23.0f}", versus(ours, 9)]
         print(" | ".join(cells))
     if args.json:
         print(json.dumps({"args": vars(args), "median_ms": med, "all_ms": times}, indent=1))

@@ -192,6 +192,7 @@ def run_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
     wanted = args.configs.split(",") if args.configs else list(TRAIN_CONFIGS)
     configs = {c: tuple(p for p in TRAIN_CONFIGS[c] if p in peers) for c in wanted}
     variants = [v for v in args.variants.split(",") if v]
+    torch_linear = any("fast_linear" in VARIANTS[f"+{v}"] for v in variants)  # modfit with it off too
     out: dict[str, Any] = {}
     if "check" in args.parts:
         out["check"] = run_check(model, configs)
@@ -201,7 +202,6 @@ def run_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
     if "infer" in args.parts:
         from peers_ops import inference
 
-        torch_linear = any("fast_linear" in VARIANTS[f"+{v}"] for v in variants)
         out["infer"] = inference(model, args.batch, args.length, args.repeats, peers, torch_linear)
         ms = out["infer"]["ms"]
         base_ms = _median(ms["base"])
@@ -242,7 +242,7 @@ def run_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
     if "mixed" in args.parts and "peft" in peers:
         command = [sys.executable, str(HERE / "mixed_batch.py"), "--model", model, "--json"]
         command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
-        command += ["--torch-linear"] if any("fast_linear" in VARIANTS[f"+{v}"] for v in variants) else []
+        command += ["--torch-linear"] if torch_linear else []
         print(f"\n{model}: mixed batch (bench/mixed_batch.py)")
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         text = done.stdout

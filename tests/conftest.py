@@ -10,6 +10,7 @@ Fixtures:
     minilm_path   the folder of `modfit.DEFAULT_BASE`
     minilm        a fresh copy of the pretrained MiniLM (`AutoModel`), eval mode
     minilm_tokenizer
+    fast_linear_calls  a one-item list counting the F.linear calls modfit.fast_linear takes
 """
 
 from __future__ import annotations
@@ -257,3 +258,20 @@ def minilm(minilm_path: Path) -> nn.Module:
 @pytest.fixture(scope="session")
 def minilm_tokenizer(minilm_path: Path) -> Any:
     return transformers.AutoTokenizer.from_pretrained(str(minilm_path))
+
+
+@pytest.fixture
+def fast_linear_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the F.linear calls `modfit.fast_linear` takes (its route returning a result)."""
+    from modfit import fast_linear
+
+    calls = [0]
+    route = fast_linear.route
+
+    def counting(call: dict[str, Any]) -> torch.Tensor | None:
+        out = route(call)
+        calls[0] += out is not None
+        return out
+
+    monkeypatch.setattr(fast_linear, "route", counting)
+    return calls

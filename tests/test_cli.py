@@ -974,6 +974,7 @@ def test_train_torch_linear(
 def test_inference_torch_linear(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    fast_linear_calls: list[int],
     bert: Path,
     data: Path,
     sst: Path,
@@ -985,22 +986,13 @@ def test_inference_torch_linear(
     from modfit import fast_linear
 
     monkeypatch.setattr(fast_linear, "MIN_MACS", 0)
-    taken = [0]
-    route = fast_linear.route
-
-    def counting(call: dict[str, Any]) -> torch.Tensor | None:
-        out = route(call)
-        taken[0] += out is not None
-        return out
-
-    monkeypatch.setattr(fast_linear, "route", counting)
     results = []
     for extra in ((), ("--torch-linear",)):
-        before = taken[0]
+        before = fast_linear_calls[0]
         args: list[str | Path] = [command, "--base", bert, "--load", sst, "--data", data / "dev.csv", *extra]
         out = tmp_path / f"predictions{len(extra)}.csv"
         args += ["--out", out] if command == "predict" else ["--json"]
         run = ok(modfit_cli(capsys, *args))
         results.append(out.read_text() if command == "predict" else run.json()["metrics"]["accuracy"])
-        assert (taken[0] > before) == (not extra)
+        assert (fast_linear_calls[0] > before) == (not extra)
     assert results[0] == results[1]

@@ -215,30 +215,19 @@ INPUTS = {"input_ids": torch.randint(1, 99, (2, 7)), "attention_mask": torch.one
 LABELS = torch.tensor([0, 1])
 
 
-@pytest.fixture
-def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the F.linear calls the fast kernel takes."""
-    calls = [0]
-    route = fast_linear.route
-
-    def counting(call: dict[str, Any]) -> torch.Tensor | None:
-        out = route(call)
-        calls[0] += out is not None
-        return out
-
-    monkeypatch.setattr(fast_linear, "route", counting)
-    return calls
-
-
-def test_model_uses_it_in_training(counted: list[int]) -> None:
+def test_model_uses_it_in_training(fast_linear_calls: list[int]) -> None:
     mm = _lora_model()
     assert mm.fast_linear
     mm(**INPUTS, labels=LABELS).loss.backward()
-    assert counted[0] == 2 * 6  # q, k, v, attention output, FFN in and out per layer (the head is modfit's)
+    assert (
+        fast_linear_calls[0] == 2 * 6
+    )  # q, k, v, attention output, FFN in and out per layer (the head is modfit's)
 
 
 @pytest.mark.parametrize("why", ["switched off", "compiling", "checkpointing"])
-def test_model_uses_torchs_products_otherwise(counted: list[int], why: str, monkeypatch: Any) -> None:
+def test_model_uses_torchs_products_otherwise(
+    fast_linear_calls: list[int], why: str, monkeypatch: Any
+) -> None:
     mm = _lora_model()
     if why == "switched off":
         mm.fast_linear = False
@@ -247,11 +236,11 @@ def test_model_uses_torchs_products_otherwise(counted: list[int], why: str, monk
     else:  # the recomputation would run torch's F.linear, which saves other tensors: refused by torch
         mm.gradient_checkpointing_enable()
     mm(**INPUTS, labels=LABELS).loss.backward()
-    assert counted[0] == 0
+    assert fast_linear_calls[0] == 0
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_model_uses_it_in_inference(counted: list[int], checkpointing: bool) -> None:
+def test_model_uses_it_in_inference(fast_linear_calls: list[int], checkpointing: bool) -> None:
     """eval (checkpointing plays no part there): the base's products by oneDNN, the outputs torch's
     to float32 rounding; switched off, torch's exactly."""
     mm = _lora_model()
@@ -260,10 +249,10 @@ def test_model_uses_it_in_inference(counted: list[int], checkpointing: bool) -> 
     mm.eval()
     with torch.no_grad():
         ours = mm(**INPUTS).logits
-        assert counted[0] == 6 * 2
+        assert fast_linear_calls[0] == 6 * 2
         mm.fast_linear = False
         torchs = mm(**INPUTS).logits
-    assert counted[0] == 6 * 2
+    assert fast_linear_calls[0] == 6 * 2
     torch.testing.assert_close(ours, torchs, rtol=1e-5, atol=1e-6)
 
 

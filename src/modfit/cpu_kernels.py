@@ -13,9 +13,9 @@ the modules a caller may call first, reading the switches at each call: both ker
 trains, the linear one in eval (dropout is off there), and neither
 
 - while `torch.compile` traces the model (inductor chooses its own kernels);
-- nor in training with activation checkpointing: the recomputation in backward runs outside the mode, so it
-  would draw torch's dropout masks instead of the ones drawn here, and torch's `F.linear` saves
-  other tensors for backward than `fast_linear` does, which checkpointing's check refuses.
+- nor in training with activation checkpointing: the recomputation in backward runs outside the
+  mode, so it would draw torch's dropout masks instead of the ones drawn here, and torch's `F.linear`
+  saves other tensors for backward than `fast_linear` does, which checkpointing's check refuses.
 """
 
 from __future__ import annotations
