@@ -64,6 +64,11 @@ class SiteCall:
             hooks switched off (a branch of `fuse`/`average` whose units edit the module's input).
         args: the positional inputs exactly as the module got them (`inputs` falls back to the
             keyword values when there are none), for `rerun`.
+        writable: `h` is this call's alone, so the unit may write its result into it instead of
+            allocating a new (tokens, width) tensor. Set only for a unit whose class has
+            `writes_in_place`, run alone at its site, in inference (no gradient recorded), when no
+            other forward hook could have kept the module's output and that output shares no memory
+            with its inputs or the residual (see `_writable`).
     """
 
     inputs: tuple[Any, ...]
@@ -74,6 +79,7 @@ class SiteCall:
     output: Any = None
     rerun: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None
     args: tuple[Any, ...] = ()
+    writable: bool = False
 
 
 class Unit(nn.Module):
@@ -92,6 +98,7 @@ class Unit(nn.Module):
         averageable: whether identically built instances can be mixed by averaging their
             parameters (Polytropon's skills, `methods/poly_skills.py`): the forward depends on the
             unit's own parameters only, edits no input and shares nothing with other units.
+        writes_in_place: whether `forward()` writes its result into `h` when `call.writable`.
     """
 
     stage: ClassVar[int] = 1
@@ -100,6 +107,7 @@ class Unit(nn.Module):
     edits_input: ClassVar[bool] = False
     whole_output: ClassVar[bool] = False
     averageable: ClassVar[bool] = False
+    writes_in_place: ClassVar[bool] = False
 
     def forward(self, h: Any, call: SiteCall) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -316,12 +324,28 @@ class Site(nn.Module):
         if self._plain_output:
             is_tuple = isinstance(output, tuple)
             h = output[0] if is_tuple else output
+            if len(active) == 1 and getattr(active[0], "writes_in_place", False):
+                call.writable = _writable(module, h, call)
             for unit in active:
                 h = unit(h, call)
             return (h, *output[1:]) if is_tuple else h
         for unit in active:
             output = unit(output, call) if unit.whole_output else _map_first(output, unit, call)
         return output
+
+
+def _writable(module: nn.Module, h: Any, call: SiteCall) -> bool:
+    """Whether a unit may overwrite `h`, the watched module's output, in place: no gradient is being
+    recorded, the site's hook is the only forward hook (one registered before it may have kept the
+    output; one after it gets what the units return anyway), and `h` shares no memory with the
+    module's inputs or the residual (a module such as dropout in eval returns its input itself)."""
+    if torch.is_grad_enabled() or type(h) is not torch.Tensor:
+        return False
+    if len(module._forward_hooks) != 1 or nn.modules.module._global_forward_hooks:
+        return False
+    storage = h.untyped_storage().data_ptr()
+    others = (*call.args, *call.kwargs.values(), call.residual)
+    return all(not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() != storage for t in others)
 
 
 def _map_first(output: Any, unit: Unit, call: SiteCall) -> Any:

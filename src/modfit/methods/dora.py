@@ -55,6 +55,8 @@ class DoraUnit(LoraUnit):
             norm per output feature.
     """
 
+    writes_in_place = False  # its own forward, which reads the base output (`call.output`)
+
     def __init__(
         self,
         in_features: int,

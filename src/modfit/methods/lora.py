@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModuleConfig, check
@@ -50,6 +51,7 @@ class LoraUnit(Unit):
     stage = 0
     mergeable = True
     averageable = True
+    writes_in_place = True  # in inference, the branch is added into the projection's output itself
 
     def __init__(
         self,
@@ -72,14 +74,17 @@ class LoraUnit(Unit):
     def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
         x = call.inputs[0]
         x = self.dropout(x.to(self.lora_A.dtype))
-        # (..., in) @ (in, r) @ (r, out) -> (..., out); the rank-r product never forms B A.
-        xa = x @ self.lora_A.t()  # (..., r)
+        # (..., in) @ (in, r) @ (r, out) -> (..., out); the rank-r product never forms B A. F.linear,
+        # so that modfit's CPU kernels (cpu_kernels.py) take the down-projection like the base's own.
+        xa = F.linear(x, self.lora_A)  # (..., r)
         if h.dtype == xa.dtype and h.shape[:-1] == xa.shape[:-1]:
             # h + s · (xa @ Bᵀ) as one addmm: no separate scaled delta and sum, two fewer passes
-            # over the (tokens, out) output per call
-            out = torch.addmm(
-                h.reshape(-1, h.shape[-1]), xa.reshape(-1, xa.shape[-1]), self.lora_B.t(), alpha=self.scale
-            )
+            # over the (tokens, out) output per call; into h itself where the site allows it
+            h2d, xa2d = h.reshape(-1, h.shape[-1]), xa.reshape(-1, xa.shape[-1])  # (tokens, out), (tokens, r)
+            if call.writable:
+                out = h2d.addmm_(xa2d, self.lora_B.t(), alpha=self.scale)
+            else:
+                out = torch.addmm(h2d, xa2d, self.lora_B.t(), alpha=self.scale)
             return out.view(h.shape)
         return h + ((xa @ self.lora_B.t()) * self.scale).to(h.dtype)
 
@@ -145,6 +150,7 @@ class GatedLoraUnit(LoraUnit):
     """A LoRA branch scaled per example by a learned sigmoid gate of the input (UniPELT); not mergeable."""
 
     mergeable = False
+    writes_in_place = False  # its own forward: h + gate · branch
 
     def __init__(self, in_features: int, out_features: int, *args: Any, **kwargs: Any) -> None:
         super().__init__(in_features, out_features, *args, **kwargs)
