@@ -155,6 +155,22 @@ def test_modules_never_target_modfit_modules(mm: ModularModel) -> None:
             mm.add("x", modfit.config("lora", targets=name))
 
 
+@pytest.mark.parametrize("with_head", [False, True])
+def test_base_modules_are_named_modules_without_modfits_own(bert: Family, with_head: bool) -> None:
+    """The target scan walks the base model as `named_modules` does, leaving out modfit's container
+    (below base_model on a bare encoder, beside it on a model with a task head)."""
+    model = bert.build()
+    if with_head:
+        model = transformers.BertForSequenceClassification(model.config)
+    mm = modfit.wrap(model)
+    assert (mm.view.base_model is mm.model) is not with_head
+    mm.add("adapter", modfit.config("houlsby"), head=modfit.head("seq-cls", LABELS))
+    mm.add("lora", modfit.config("lora", targets="all-linear"))
+    own = {id(m) for m in mm.model.modfit.modules()}
+    expected = [(p, id(m)) for p, m in mm.view.base_model.named_modules() if p and id(m) not in own]
+    assert [(p, id(m)) for p, m in mm.view.base_modules()] == expected
+
+
 # -- wrap -----------------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ error that lists names that do exist, never a silent no-op.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -85,6 +85,25 @@ class ModelView:
         """The module at `path` (relative to base_model; "" is base_model itself)."""
         return self.base_model.get_submodule(path) if path else self.base_model
 
+    def base_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """(path, module) of every module below base_model, as `named_modules` lists them (each once,
+        in pre-order; base_model itself left out), except modfit's own: the container that
+        `model.ModularModel` adds at `model.modfit` (units, adapter layers, heads) is never a target,
+        and skipping its subtree keeps adding a module from costing more with every module there."""
+        own = getattr(self.model, "modfit", None)
+        seen = {id(self.base_model)}
+
+        def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+            for name, child in module._modules.items():
+                if child is None or child is own or id(child) in seen:
+                    continue
+                seen.add(id(child))
+                path = f"{prefix}.{name}" if prefix else name
+                yield path, child
+                yield from walk(child, path)
+
+        return walk(self.base_model, "")
+
     def layers(self, indices: Sequence[int] | None = None) -> list[LayerRef]:
         """The layers of every group of the family, optionally only those with these indices.
 
@@ -121,13 +140,7 @@ class ModelView:
             TargetError: a target matches no projection (the message suggests names that exist).
         """
         found: dict[str, None] = {}
-        # modfit's own modules (other modules' heads and adapter layers, in the `modfit` container
-        # that `model.ModularModel` adds to the model) are never targets.
-        own = getattr(self.model, "modfit", None)
-        own_ids = {id(m) for m in own.modules()} if isinstance(own, nn.Module) else set()
-        all_paths = [
-            p for p, m in self.base_model.named_modules() if p and is_projection(m) and id(m) not in own_ids
-        ]
+        all_paths = [p for p, m in self.base_modules() if is_projection(m)]
         layer_prefixes = None if layers is None else tuple(ref.path + "." for ref in self.layers(layers))
         for target in targets:
             matched = self._match_projection(target, all_paths, layers)
@@ -159,11 +172,7 @@ class ModelView:
         Raises:
             TargetError: a target matches no norm (the message lists the norm names that exist).
         """
-        own = getattr(self.model, "modfit", None)  # modfit's own modules (adapter LayerNorms) never count
-        own_ids = {id(m) for m in own.modules()} if isinstance(own, nn.Module) else set()
-        all_paths = [
-            p for p, m in self.base_model.named_modules() if p and is_norm(m) and id(m) not in own_ids
-        ]
+        all_paths = [p for p, m in self.base_modules() if is_norm(m)]
         stacks = None if self.arch is None else tuple(f"{g.path}." for g in self.arch.groups)
         chosen = stacks if layers is None else tuple(ref.path + "." for ref in self.layers(layers))
         found: dict[str, None] = {}
