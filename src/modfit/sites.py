@@ -341,7 +341,9 @@ def _writable(module: nn.Module, h: Any, call: SiteCall) -> bool:
     module's inputs or the residual (a module such as dropout in eval returns its input itself)."""
     if torch.is_grad_enabled() or type(h) is not torch.Tensor:
         return False
-    if len(module._forward_hooks) != 1 or nn.modules.module._global_forward_hooks:
+    # torch keeps global forward hooks in a private dict: where it is gone, assume some are there
+    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
+    if len(module._forward_hooks) != 1 or global_hooks is None or len(global_hooks) > 0:
         return False
     storage = h.untyped_storage().data_ptr()
     others = (*call.args, *call.kwargs.values(), call.residual)
