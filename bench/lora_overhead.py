@@ -17,6 +17,7 @@ import argparse
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from peers_build import build, load_base
@@ -25,9 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 RANK = 8  # peers_build's LoRA rank: its down-projection is the F.linear whose weight has RANK rows
 
 
-def _profiled(run: object, passes: int) -> tuple[float, dict[str, float]]:
+def _profiled(run: Callable[[], object], passes: int) -> tuple[float, dict[str, float]]:
     """(wall ms per forward, {operator and shapes: self CPU ms per forward})."""
-    assert callable(run)
     run()  # warm-up
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()

@@ -107,9 +107,12 @@ def test_not_writable_when_the_output_is_the_input(module: nn.Module) -> None:
     assert spy.seen == [False]
 
 
-def _lora_site() -> tuple[nn.Linear, LoraUnit]:
+def _lora_site(kept: list[torch.Tensor] | None = None) -> tuple[nn.Linear, LoraUnit]:
+    """A LoRA site on a Linear; with `kept`, a hook registered before the site keeps each output."""
     torch.manual_seed(0)
     linear = nn.Linear(8, 6)
+    if kept is not None:
+        linear.register_forward_hook(lambda module, args, output: kept.append(output))
     unit = LoraUnit(8, 6, r=2, alpha=4)
     nn.init.normal_(unit.lora_B)
     _site(linear, unit)
@@ -128,12 +131,7 @@ def test_lora_in_place_equals_out_of_place() -> None:
 
 def test_lora_leaves_an_earlier_hooks_output_alone() -> None:
     kept: list[torch.Tensor] = []
-    torch.manual_seed(0)
-    linear = nn.Linear(8, 6)
-    linear.register_forward_hook(lambda module, args, output: kept.append(output))
-    unit = LoraUnit(8, 6, r=2, alpha=4)
-    nn.init.normal_(unit.lora_B)
-    _site(linear, unit)
+    linear, _ = _lora_site(kept)
     with torch.no_grad():
         out = linear(X)
         torch.testing.assert_close(kept[0], F.linear(X, linear.weight, linear.bias), atol=0, rtol=0)
