@@ -31,6 +31,9 @@ every system, are in bench/peers_build.py. Parts (`--parts`):
   pfeiffer adapter and a fusion of 3 (modfit, `adapters`), in one process, interleaved; also modfit
   holding an inactive LoRA (the base as modfit runs it, through its CPU kernels: each modfit row's
   "own base"). A `--variants` entry that turns `fast_linear` off adds modfit's rows again with it off.
+- `overhead`: what an unmerged LoRA adds to a forward, on one model object with its module switched
+  on and off pair by pair (`--repeats` pairs; modfit, PEFT, and modfit with torch's kernels under a
+  `fast_linear` variant): the median of the per-pair ratios on/off and their quartiles.
 - `persist`: save and load time of one LoRA and one pfeiffer module, and their size on disk.
 - `addremove`: time to add `--modules` LoRA (pfeiffer) modules to one model, and to remove them.
 - `mixed`: mixed-batch inference, modfit `route(...)` against PEFT `adapter_names=`: runs
@@ -57,7 +60,7 @@ from typing import Any
 from _timing import peak_rss_kib, reset_peak_rss, rss_kib, run_child, step_times
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("check", "train", "infer", "persist", "addremove", "mixed")
+PARTS = ("check", "train", "infer", "overhead", "persist", "addremove", "mixed")
 COMPILED = "+compile"  # a system's name with this suffix: its training step through torch.compile
 # modfit with some of its CPU kernels off (`--variants`): suffix -> the ModularModel switches set False
 VARIANTS = {
@@ -168,6 +171,27 @@ def print_train(model: str, rows: dict[str, Any]) -> None:
                 print(f"| {label} | {peer} | {' | '.join(cells)} |")
 
 
+def print_overhead(model: str, result: dict[str, Any]) -> None:
+    """The `overhead` part: per system, median ms on and off, the median of the per-pair differences
+    (ms the module adds) and of the per-pair ratios on/off, with the ratios' quartiles."""
+    batch, length = result["batch"]
+    print(f"\n{model}: unmerged LoRA on / off on one model object, batch {batch} x {length}")
+    print("| system | pairs | on ms | off ms | added ms | median on/off | quartiles | pairs <= 1.03 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for system, ratios in result["ratio"].items():
+        if len(ratios) < 2:
+            continue
+        low, _, high = statistics.quantiles(ratios, n=4)
+        within = sum(r <= 1.03 for r in ratios)
+        on, off = result["on_ms"][system], result["off_ms"][system]
+        added = statistics.median(a - b for a, b in zip(on, off, strict=True))  # per pair
+        print(
+            f"| {system} | {len(ratios)} | {_fmt(_median(on), 1)} | {_fmt(_median(off), 1)} | "
+            f"{added:+.1f} | {statistics.median(ratios):.3f} | "
+            f"{low:.3f}-{high:.3f} | {within}/{len(ratios)} |"
+        )
+
+
 def print_pairs(
     title: str, times: dict[str, list[float]], pairs: list[tuple[str, str]], digits: int = 0
 ) -> None:
@@ -220,6 +244,11 @@ def run_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
         pairs = [(f"{m}/{c}", f"peft/{c}") for m in modfits for c in ("lora", "lora-merged")]
         pairs += [(f"{m}/{c}", f"adapters/{c}") for m in modfits for c in ("pfeiffer", "fusion3")]
         print_pairs(f"{model}: inference, modfit / peer", ms, pairs)
+    if "overhead" in args.parts:
+        from peers_ops import lora_overhead
+
+        out["overhead"] = lora_overhead(model, args.batch, args.length, args.repeats, peers, torch_linear)
+        print_overhead(model, out["overhead"])
     if "persist" in args.parts or "addremove" in args.parts:
         from peers_ops import PERSIST, add_remove, persistence
 

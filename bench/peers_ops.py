@@ -68,6 +68,56 @@ def inference(
     return {"ms": _interleaved(runs, repeats), "batch": [batch, length]}
 
 
+def lora_overhead(
+    model: str, batch: int, length: int, pairs: int, peers: set[str], torch_linear: bool = False
+) -> dict[str, Any]:
+    """Unmerged LoRA against the same model object with its module switched off, pair by pair: each
+    pair times one forward with the module on and one with it off (eval, no_grad), in an order that
+    flips every pair, and keeps their ratio. Unlike `inference`, where each row is its own deep copy
+    among ten others, the weights in memory and the interleaving are the same for both halves, so the
+    ratio holds only what the module adds. Systems: modfit (through its CPU kernels, as users run it),
+    with `torch_linear` also modfit with torch's kernels, and PEFT (`disable_adapter_layers()`).
+    Returns {"ratio": {system: [on/off per pair]}, "on_ms": {...}, "off_ms": {...}}."""
+    base = load_base(model).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    systems = ["modfit", "modfit+torch-linear"] if torch_linear else ["modfit"]
+    systems += ["peft"] if "peft" in peers else []
+    switches: dict[str, tuple[Built, Callable[[bool], None]]] = {}
+    for system in systems:
+        one = build(system.split("+")[0], "lora", copy.deepcopy(base), head=False)
+        one.net.eval()
+        if system.startswith("modfit"):
+            one.handle.fast_linear = not system.endswith("+torch-linear")
+
+            def switch(on: bool, handle: Any = one.handle) -> None:
+                handle.activate("m") if on else handle.deactivate()
+
+        else:
+
+            def switch(on: bool, handle: Any = one.handle) -> None:
+                lora = handle.base_model  # PEFT's LoraModel
+                lora.enable_adapter_layers() if on else lora.disable_adapter_layers()
+
+        switches[system] = (one, switch)
+    out = {key: {system: [] for system in systems} for key in ("ratio", "on_ms", "off_ms")}
+    for one, switch in switches.values():  # one warm-up forward each way
+        for on in (True, False):
+            switch(on)
+            timed(lambda one=one: one.hidden(ids, mask))
+    for rep in range(pairs):
+        for system, (one, switch) in switches.items():
+            ms = {}
+            for on in (True, False) if rep % 2 == 0 else (False, True):
+                switch(on)
+                ms[on] = timed(lambda one=one: one.hidden(ids, mask))
+            out["on_ms"][system].append(ms[True])
+            out["off_ms"][system].append(ms[False])
+            out["ratio"][system].append(ms[True] / ms[False])
+    return {**out, "batch": [batch, length]}
+
+
 def _savers(system: str, built: Built, tmp: Path) -> tuple[Callable[[str], Path], Callable[[Path, str], Any]]:
     """(save(tag) -> folder, load(folder, tag) then remove what was loaded) for one system."""
     handle = built.handle
