@@ -7,8 +7,19 @@ module switched on and off in turn (the same weights in memory, so no copy's pla
 Each round profiles `--passes` forwards (eval, no_grad, batch `--batch` x `--length`) with the module
 off, then on (the order flips every round), after one unprofiled warm-up forward each, and prints per
 forward: wall time, the operators' summed self CPU time, the LoRA module's own operators (its
-down-projection, an `F.linear` onto r rows, and its `addmm_`), and the largest changes per operator
+down-projection, an `F.linear` onto r rows or 2r for query's and value's A stacked, and its
+`addmm_`), and the largest changes per operator
 and input shape. The profiler inflates small operators; compare the on/off pairs, not absolute times.
+
+    PYTHONPATH=src .venv/peer/bin/python bench/lora_overhead.py --model bert-base --pieces 10
+
+`--pieces N` times instead, without the profiler, N on/off pairs (order flipping every pair) for each
+of four versions of the LoRA unit's forward, interleaved: `hooks` (the site runs it, it adds nothing),
+`down` (its down-projection alone, shared with its sibling as shipped, result dropped), `up` (its
+in-place up-projection alone, from a stand-in of the down-projection's result kept per unit) and
+`whole` (as shipped); it prints the median ms each adds per forward, and what one unit's two products
+take per forward on their own, on tensors of the model's shapes that stay in cache (one call after
+another on the same tensors).
 """
 
 from __future__ import annotations
@@ -20,8 +31,15 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-from peers_build import build, load_base
+import torch.nn.functional as F
+from _timing import timed
+from peers_build import Built, build, load_base
 from torch.profiler import ProfilerActivity, profile
+
+from modfit import fast_linear
+from modfit.methods.lora import LoraUnit
+from modfit.methods.lora_shared import shared_down_projection
+from modfit.sites import SiteCall
 
 RANK = 8  # peers_build's LoRA rank: its down-projection is the F.linear whose weight has RANK rows
 
@@ -42,7 +60,74 @@ def _profiled(run: Callable[[], object], passes: int) -> tuple[float, dict[str, 
 
 
 def _lora_own(ops: dict[str, float]) -> float:
-    return sum(ms for key, ms in ops.items() if key.startswith("aten::addmm_") or f", [{RANK}, " in key)
+    """The LoRA module's operators: its down-projections onto r rows, or 2r for query's and value's
+    A stacked (methods/lora_shared.py) with the stacking and the split, and its addmm_."""
+    own = ("aten::addmm_", "aten::cat", "aten::split_with_sizes")
+    return sum(
+        ms
+        for key, ms in ops.items()
+        if key.startswith(own) or f", [{RANK}, " in key or f", [{2 * RANK}, " in key
+    )
+
+
+def _hooks_only(unit: LoraUnit, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
+    return h
+
+
+def _down_only(unit: LoraUnit, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
+    if call.writable and unit.siblings is not None and not unit.training:  # as LoraUnit.forward
+        shared_down_projection(unit, call.inputs[0], unit.siblings)
+    else:
+        F.linear(call.inputs[0], unit.lora_A)
+    return h
+
+
+def _up_only(unit: LoraUnit, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
+    assert call.writable, "the bench expects LoRA's in-place inference path"
+    h2d = h.view(-1, h.shape[-1])  # (tokens, out)
+    xa = unit.__dict__.get("_bench_xa")  # a stand-in for x Aᵀ: (tokens, r)
+    if xa is None or xa.shape[0] != h2d.shape[0]:
+        xa = unit.__dict__["_bench_xa"] = torch.randn(h2d.shape[0], unit.lora_A.shape[0])
+    h2d.addmm_(xa, unit.lora_B.t(), alpha=unit.scale)
+    return h
+
+
+PIECES: dict[str, Callable[[LoraUnit, torch.Tensor, SiteCall], torch.Tensor]] = {
+    "hooks": _hooks_only,
+    "down": _down_only,
+    "up": _up_only,
+    "whole": LoraUnit.forward,
+}
+
+
+def _pieces(built: Built, run: Callable[[], object], pairs: int) -> dict[str, float]:
+    """Median ms per forward that each version of LoRA's forward adds (see the module docstring)."""
+    handle = built.handle
+    added: dict[str, list[float]] = defaultdict(list)
+    shipped = LoraUnit.forward
+    try:
+        for rep in range(pairs):
+            for piece, forward in PIECES.items():
+                LoraUnit.forward = forward  # type: ignore[method-assign]
+                ms = {}
+                for on in (True, False) if rep % 2 == 0 else (False, True):
+                    handle.activate("m") if on else handle.deactivate()
+                    ms[on] = timed(run)
+                added[piece].append(ms[True] - ms[False])
+    finally:
+        LoraUnit.forward = shipped  # type: ignore[method-assign]
+    return {piece: statistics.median(values) for piece, values in added.items()}
+
+
+def _in_cache(tokens: int, width: int, sites: int, repeats: int = 200) -> tuple[float, float]:
+    """ms per forward of `sites` down- and up-projections on tensors that stay in cache, by the
+    kernels a model's forward uses (the down-projection through modfit.fast_linear, as routed)."""
+    x, h = torch.randn(tokens, width), torch.randn(tokens, width)
+    a, b, xa = torch.randn(RANK, width), torch.randn(width, RANK), torch.randn(tokens, RANK)
+    out = []
+    for step in (lambda: fast_linear.linear(x, a), lambda: h.addmm_(xa, b.t(), alpha=2.0)):
+        out.append(statistics.median(timed(step) for _ in range(repeats)) * sites)
+    return out[0], out[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--passes", type=int, default=10)
     parser.add_argument("--rows", type=int, default=8, help="operators listed by their change")
+    parser.add_argument("--pieces", type=int, default=0, help="time the forward's pieces over N pairs")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -65,6 +151,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> object:
         return built.hidden(ids, mask)
+
+    if args.pieces:
+        with torch.no_grad():
+            added = _pieces(built, run, args.pieces)
+            sites = sum(isinstance(m, LoraUnit) for m in built.handle.modules())
+            width = built.handle.model.config.hidden_size
+            down, up = _in_cache(args.batch * args.length, width, sites)
+        print(
+            f"{args.model}, batch {args.batch} x {args.length}, {args.threads} threads, {sites} LoRA sites; "
+            f"median ms added per forward over {args.pieces} on/off pairs:"
+        )
+        for piece, ms in added.items():
+            print(f"  {piece:<6} {ms:+7.2f}")
+        print(f"the same products in cache, per forward: down {down:.2f}, up {up:.2f}")
+        return 0
 
     walls: dict[str, list[float]] = defaultdict(list)
     ops: dict[str, dict[str, list[float]]] = {"off": defaultdict(list), "on": defaultdict(list)}

@@ -97,7 +97,9 @@ def test_split_along_the_sequence_at_one_site() -> None:
     mm.activate("split(a, b, at=4)")
     with torch.no_grad():
         y = site(x)
-    torch.testing.assert_close(y, torch.cat([ya[:, :4], yb[:, 4:]], dim=1), rtol=0, atol=0)
+    # to float32 rounding: a or b alone computes its down-projection stacked with its sibling's
+    # (methods/lora_shared.py), a product that sums in another order than the one-unit product
+    torch.testing.assert_close(y, torch.cat([ya[:, :4], yb[:, 4:]], dim=1), rtol=0, atol=1e-6)
 
 
 def test_parallel_head_mode_gives_each_branch_its_head() -> None:

@@ -42,6 +42,7 @@ from .config import ModuleConfig
 from .heads import Head, HeadConfig, MaskedLmHead, build_head, head_loss
 from .registry import method_entry
 from .routing.context import RouteLike, as_route, checkpoint_context, current_route, repeated, routed
+from .siblings import group_siblings
 from .sites import Site, Unit
 from .targets import ModelView
 
@@ -450,6 +451,7 @@ class ModularModel(nn.Module):
                 cast(Site, site).set_plan(*plan)
             else:
                 cast(Site, site).set_active(plan)
+        group_siblings(existing.all_sites())
 
     @property
     def active(self) -> Composition | None:

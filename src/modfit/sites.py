@@ -25,13 +25,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
 
 from .archs import InputRef
 from .targets import ResolvedHookPoint
+
+if TYPE_CHECKING:
+    from .siblings import SiblingGroup
 
 
 class _PerThread(threading.local):
@@ -99,6 +102,9 @@ class Unit(nn.Module):
             parameters (Polytropon's skills, `methods/poly_skills.py`): the forward depends on the
             unit's own parameters only, edits no input and shares nothing with other units.
         writes_in_place: whether `forward()` writes its result into `h` when `call.writable`.
+        siblings: the units of this class running alone at sibling sites (children of the same
+            parent module, which a transformer usually calls on the same input), set by the model
+            at each activation (`siblings.py`); None when this unit runs with others or has none.
     """
 
     stage: ClassVar[int] = 1
@@ -108,6 +114,7 @@ class Unit(nn.Module):
     whole_output: ClassVar[bool] = False
     averageable: ClassVar[bool] = False
     writes_in_place: ClassVar[bool] = False
+    siblings: SiblingGroup | None = None
 
     def forward(self, h: Any, call: SiteCall) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -261,6 +268,11 @@ class Site(nn.Module):
         self._active = sorted(units, key=lambda u: u.stage)  # stable: keeps composition order
         self._editors = [u for u in self._active if u.edits_input]
         self._plain_output = not any(u.whole_output for u in self._active)
+
+    def lone_unit(self) -> Unit | None:
+        """The unit that runs alone here (one active unit, no composition node), or None."""
+        active = self._active
+        return active[0] if len(active) == 1 and isinstance(active[0], Unit) else None
 
     def close(self) -> None:
         """Remove the hooks; the site must not be used afterwards."""

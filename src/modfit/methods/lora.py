@@ -37,6 +37,7 @@ from ..config import ModuleConfig, check
 from ..registry import register_method
 from ..sites import Attachment, SiteCall, Unit
 from ..targets import ModelView, projection_shape
+from .lora_shared import shared_down_projection
 
 
 class LoraUnit(Unit):
@@ -73,10 +74,13 @@ class LoraUnit(Unit):
 
     def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
         x = call.inputs[0]
-        x = self.dropout(x.to(self.lora_A.dtype))
-        # (..., in) @ (in, r) @ (r, out) -> (..., out); the rank-r product never forms B A. F.linear,
-        # so that modfit's CPU kernels (cpu_kernels.py) take the down-projection like the base's own.
-        xa = F.linear(x, self.lora_A)  # (..., r)
+        if call.writable and self.siblings is not None and not self.training:
+            # inference: one down-projection for this unit and its siblings that read the same x
+            xa = shared_down_projection(self, x, self.siblings)  # (..., r)
+        else:
+            # (..., in) @ (in, r) @ (r, out) -> (..., out); the rank-r product never forms B A. F.linear,
+            # so that modfit's CPU kernels (cpu_kernels.py) take it like the base's own products.
+            xa = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
         if h.dtype == xa.dtype and h.shape[:-1] == xa.shape[:-1]:
             # h + s · (xa @ Bᵀ) as one addmm: no separate scaled delta and sum, two fewer passes
             # over the (tokens, out) output per call; into h itself where the site allows it
