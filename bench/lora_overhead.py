@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _timing import timed
-from peers_build import Built, build, load_base
+from peers_build import Built, build, load_base, token_batch
 from torch.profiler import ProfilerActivity, profile
 
 from modfit import fast_linear
@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     built = build("modfit", "lora", load_base(args.model), head=False)
     built.net.eval()
-    ids = torch.randint(1000, 20000, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
+    ids, mask = token_batch(args.batch, args.length)
 
     def run() -> object:
         return built.hidden(ids, mask)

@@ -152,6 +152,13 @@ def _with_head(system: str, net: nn.Module, hidden: Callable[..., torch.Tensor],
     return Built(system, net, loss, hidden, [*trainable, *head.parameters()], count, net)
 
 
+def token_batch(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random inference batch: (ids, mask), `batch` x `length` token ids from a seeded
+    generator, no padding; the same for every system and part."""
+    ids = torch.randint(1000, 20000, (batch, length), generator=torch.Generator().manual_seed(0))
+    return ids, torch.ones_like(ids)
+
+
 def train_step(
     built: Built, batch: int = 16, length: int = 128, loss: Callable[..., torch.Tensor] | None = None
 ) -> Callable[[], None]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from _timing import folder_bytes, timed
-from peers_build import Built, adapters_config, build, load_base, peft_config
+from peers_build import Built, adapters_config, build, load_base, peft_config, token_batch
 
 import modfit
 
@@ -42,9 +42,7 @@ def inference(
     modfit's own overhead. With `torch_linear`, modfit's rows again as `modfit+torch-linear/...`, its
     base products through torch's kernels as in the peers. Returns {"ms": {label: [...]}, ...}."""
     base = load_base(model).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
+    ids, mask = token_batch(batch, length)
     runs: dict[str, Callable[[], object]] = {"base": lambda: base(input_ids=ids, attention_mask=mask)}
     modfits = ("modfit", "modfit+torch-linear") if torch_linear else ("modfit",)
     wanted = [(s, c) for s in modfits for c in MODFIT_INFER]
@@ -79,9 +77,7 @@ def lora_overhead(
     with `torch_linear` also modfit with torch's kernels, and PEFT (`disable_adapter_layers()`).
     Returns {"ratio": {system: [on/off per pair]}, "on_ms": {...}, "off_ms": {...}}."""
     base = load_base(model).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
+    ids, mask = token_batch(batch, length)
     systems = ["modfit", "modfit+torch-linear"] if torch_linear else ["modfit"]
     systems += ["peft"] if "peft" in peers else []
     switches: dict[str, tuple[Built, Callable[[bool], None]]] = {}
