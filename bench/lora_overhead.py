@@ -31,14 +31,12 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from _timing import timed
 from peers_build import Built, build, load_base, token_batch
 from torch.profiler import ProfilerActivity, profile
 
 from modfit import fast_linear
 from modfit.methods.lora import LoraUnit
-from modfit.methods.lora_shared import shared_down_projection
 from modfit.sites import SiteCall
 
 RANK = 8  # peers_build's LoRA rank: its down-projection is the F.linear whose weight has RANK rows
@@ -75,10 +73,7 @@ def _hooks_only(unit: LoraUnit, h: torch.Tensor, call: SiteCall) -> torch.Tensor
 
 
 def _down_only(unit: LoraUnit, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
-    if call.writable and unit.siblings is not None and not unit.training:  # as LoraUnit.forward
-        shared_down_projection(unit, call.inputs[0], unit.siblings)
-    else:
-        F.linear(call.inputs[0], unit.lora_A)
+    unit.down_projection(call.inputs[0], call)
     return h
 
 

@@ -72,15 +72,17 @@ class LoraUnit(Unit):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fan_in_fan_out = fan_in_fan_out
 
-    def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
-        x = call.inputs[0]
+    def down_projection(self, x: torch.Tensor, call: SiteCall) -> torch.Tensor:
+        """x Aᵀ (after dropout), (..., in) -> (..., r); in inference one product shared with this unit's
+        siblings that read the same x (methods/lora_shared.py)."""
         if call.writable and self.siblings is not None and not self.training:
-            # inference: one down-projection for this unit and its siblings that read the same x
-            xa = shared_down_projection(self, x, self.siblings)  # (..., r)
-        else:
-            # (..., in) @ (in, r) @ (r, out) -> (..., out); the rank-r product never forms B A. F.linear,
-            # so that modfit's CPU kernels (cpu_kernels.py) take it like the base's own products.
-            xa = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
+            return shared_down_projection(self, x, self.siblings)
+        # F.linear, so that modfit's CPU kernels (cpu_kernels.py) take it like the base's own products
+        return F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
+
+    def forward(self, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
+        # (..., in) @ (in, r) @ (r, out) -> (..., out); the rank-r product never forms B A
+        xa = self.down_projection(call.inputs[0], call)  # (..., r)
         if h.dtype == xa.dtype and h.shape[:-1] == xa.shape[:-1]:
             # h + s · (xa @ Bᵀ) as one addmm: no separate scaled delta and sum, two fewer passes
             # over the (tokens, out) output per call; into h itself where the site allows it
