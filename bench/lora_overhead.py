@@ -8,8 +8,10 @@ Each round profiles `--passes` forwards (eval, no_grad, batch `--batch` x `--len
 off, then on (the order flips every round), after one unprofiled warm-up forward each, and prints per
 forward: wall time, the operators' summed self CPU time, the LoRA module's own operators (its
 down-projection, an `F.linear` onto r rows or 2r for query's and value's A stacked, and its
-`addmm_`), and the largest changes per operator
-and input shape. The profiler inflates small operators; compare the on/off pairs, not absolute times.
+`addmm_`; folded, W + s·BA formed by one `addmm` per projection, src/modfit/folding.py), and the
+largest changes per operator and input shape. The profiler inflates small operators; compare the
+on/off pairs, not absolute times. `--unfolded` profiles the branch's two products instead of the
+folded weight (`mm.fold_per_call = False`).
 
     PYTHONPATH=src .venv/peer/bin/python bench/lora_overhead.py --model bert-base --pieces 10
 
@@ -17,14 +19,16 @@ and input shape. The profiler inflates small operators; compare the on/off pairs
 of four versions of the LoRA unit's forward, interleaved: `hooks` (the site runs it, it adds nothing),
 `down` (its down-projection alone, shared with its sibling as shipped, result dropped), `up` (its
 in-place up-projection alone, from a stand-in of the down-projection's result kept per unit) and
-`whole` (as shipped); it prints the median ms each adds per forward, and what one unit's two products
-take per forward on their own, on tensors of the model's shapes that stay in cache (one call after
-another on the same tensors).
+`whole` (the branch as shipped). It prints the median ms each adds per forward, and what one unit's
+two products take per forward on their own, on tensors of the model's shapes that stay in cache (one
+call after another on the same tensors). Always with `mm.fold_per_call = False`: a folded call runs
+no branch (`bench/peers.py --parts overhead --variants unfolded` compares the two ways).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from collections import defaultdict
@@ -59,13 +63,12 @@ def _profiled(run: Callable[[], object], passes: int) -> tuple[float, dict[str, 
 
 def _lora_own(ops: dict[str, float]) -> float:
     """The LoRA module's operators: its down-projections onto r rows, or 2r for query's and value's
-    A stacked (methods/lora_shared.py) with the stacking and the split, and its addmm_."""
+    A stacked (methods/lora_shared.py) with the stacking and the split, and its addmm_; or, folded,
+    the addmm forming W + s·BA from W (out, in) and B (out, r)."""
     own = ("aten::addmm_", "aten::cat", "aten::split_with_sizes")
-    return sum(
-        ms
-        for key, ms in ops.items()
-        if key.startswith(own) or f", [{RANK}, " in key or f", [{2 * RANK}, " in key
-    )
+    # the second input is A, (r or 2r, in), or for the folded weight's addmm B, (out, r)
+    weight = re.compile(rf", \[({RANK}|{2 * RANK}), \d+\]\]$|^aten::addmm \[.*, {RANK}\]\]$")
+    return sum(ms for key, ms in ops.items() if key.startswith(own) or weight.search(key))
 
 
 def _hooks_only(unit: LoraUnit, h: torch.Tensor, call: SiteCall) -> torch.Tensor:
@@ -136,11 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=10)
     parser.add_argument("--rows", type=int, default=8, help="operators listed by their change")
     parser.add_argument("--pieces", type=int, default=0, help="time the forward's pieces over N pairs")
+    parser.add_argument("--unfolded", action="store_true", help="profile the branch, not the folded weight")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     built = build("modfit", "lora", load_base(args.model), head=False)
     built.net.eval()
+    built.handle.fold_per_call = not (args.unfolded or args.pieces)  # the pieces are the branch's
     ids, mask = token_batch(args.batch, args.length)
 
     def run() -> object:

@@ -32,8 +32,10 @@ every system, are in bench/peers_build.py. Parts (`--parts`):
   holding an inactive LoRA (the base as modfit runs it, through its CPU kernels: each modfit row's
   "own base"). A `--variants` entry that turns `fast_linear` off adds modfit's rows again with it off.
 - `overhead`: what an unmerged LoRA adds to a forward, on one model object with its module switched
-  on and off pair by pair (`--repeats` pairs; modfit, PEFT, and modfit with torch's kernels under a
-  `fast_linear` variant): the median of the per-pair ratios on/off and their quartiles.
+  on and off pair by pair (`--repeats` pairs; modfit, PEFT, and modfit once more per `--variants`
+  entry, e.g. `unfolded`: `mm.fold_per_call = False`, the two low-rank products on every call
+  instead of W + s·BA for the call, see src/modfit/folding.py): the median of the per-pair ratios
+  on/off and their quartiles.
 - `persist`: save and load time of one LoRA and one pfeiffer module, and their size on disk.
 - `addremove`: time to add `--modules` LoRA (pfeiffer) modules to one model, and to remove them.
 - `mixed`: mixed-batch inference, modfit `route(...)` against PEFT `adapter_names=`: runs
@@ -67,7 +69,9 @@ VARIANTS = {
     "+torch-dropout": ("fast_dropout",),
     "+torch-linear": ("fast_linear",),
     "+torch-kernels": ("fast_dropout", "fast_linear"),
+    "+unfolded": ("fold_per_call",),
 }
+INFERENCE_ONLY = {"+unfolded"}  # variants a training step does not see (no row of their own in `train`)
 
 
 def measure_train(
@@ -114,7 +118,8 @@ def run_train(args: argparse.Namespace, model: str, configs: dict[str, tuple[str
         for config, peers in configs.items():
             systems = ["plain"] if config == "full" else ["modfit", *peers]
             systems += [s + COMPILED for s in systems if s in args.compile.split(",")]
-            systems += [f"modfit+{v}" for v in args.variants.split(",") if v] if config != "full" else []
+            variants = [v for v in args.variants.split(",") if v and f"+{v}" not in INFERENCE_ONLY]
+            systems += [f"modfit+{v}" for v in variants] if config != "full" else []
             for system in systems if rep % 2 == 0 else systems[::-1]:
                 command = [sys.executable, __file__, "--child", f"{config}:{system}:{model}"]
                 command += [
@@ -247,7 +252,8 @@ def run_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
     if "overhead" in args.parts:
         from peers_ops import lora_overhead
 
-        out["overhead"] = lora_overhead(model, args.batch, args.length, args.repeats, peers, torch_linear)
+        switched = {f"modfit+{v}": VARIANTS[f"+{v}"] for v in variants}
+        out["overhead"] = lora_overhead(model, args.batch, args.length, args.repeats, peers, switched)
         print_overhead(model, out["overhead"])
     if "persist" in args.parts or "addremove" in args.parts:
         from peers_ops import PERSIST, add_remove, persistence
@@ -342,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default="",
         metavar="NAMES",
-        help="`train`: also run modfit with some CPU kernels off: torch-kernels (fast_dropout and "
-        "fast_linear off), torch-dropout, torch-linear (comma-separated)",
+        help="also run modfit with some CPU kernels off: torch-kernels (fast_dropout and fast_linear "
+        "off), torch-dropout, torch-linear; `overhead` also: unfolded (fold_per_call off) (comma-separated)",
     )
     parser.add_argument("--modules", type=int, default=100, help="modules added and removed in `addremove`")
     parser.add_argument("--json", action="store_true", help="print every value as JSON at the end")

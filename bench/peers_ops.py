@@ -67,25 +67,26 @@ def inference(
 
 
 def lora_overhead(
-    model: str, batch: int, length: int, pairs: int, peers: set[str], torch_linear: bool = False
+    model: str, batch: int, length: int, pairs: int, peers: set[str], variants: dict[str, tuple[str, ...]]
 ) -> dict[str, Any]:
     """Unmerged LoRA against the same model object with its module switched off, pair by pair: each
     pair times one forward with the module on and one with it off (eval, no_grad), in an order that
     flips every pair, and keeps their ratio. Unlike `inference`, where each row is its own deep copy
     among ten others, the weights in memory and the interleaving are the same for both halves, so the
     ratio holds only what the module adds. Systems: modfit (through its CPU kernels, as users run it),
-    with `torch_linear` also modfit with torch's kernels, and PEFT (`disable_adapter_layers()`).
+    each of `variants` (a system name -> the `ModularModel` switches it turns off, e.g.
+    {"modfit+unfolded": ("fold_per_call",)}), and PEFT (`disable_adapter_layers()`).
     Returns {"ratio": {system: [on/off per pair]}, "on_ms": {...}, "off_ms": {...}}."""
     base = load_base(model).eval()
     ids, mask = token_batch(batch, length)
-    systems = ["modfit", "modfit+torch-linear"] if torch_linear else ["modfit"]
-    systems += ["peft"] if "peft" in peers else []
+    systems = ["modfit", *variants] + (["peft"] if "peft" in peers else [])
     switches: dict[str, tuple[Built, Callable[[bool], None]]] = {}
     for system in systems:
         one = build(system.split("+")[0], "lora", copy.deepcopy(base), head=False)
         one.net.eval()
         if system.startswith("modfit"):
-            one.handle.fast_linear = not system.endswith("+torch-linear")
+            for switch_off in variants.get(system, ()):
+                setattr(one.handle, switch_off, False)
 
             def switch(on: bool, handle: Any = one.handle) -> None:
                 handle.activate("m") if on else handle.deactivate()

@@ -8,7 +8,9 @@ file, and over every tiny family of `conftest.FAMILIES`:
 (c) merged equals unmerged for mergeable methods, merge() refuses the others; unmerge restores W;
 (d) save, then load onto a fresh copy of the same base: identical outputs;
 (e) train_only: only that module's parameters (and its head) get gradients;
-(f) removing every module restores the base state dict bit for bit and leaves no hooks.
+(f) removing every module restores the base state dict bit for bit and leaves no hooks;
+(g) in inference, folding a unit into its projection's weight for the call (`folding.py`, LoRA and DoRA;
+    here at any number of tokens) gives the unit's own outputs, and writes nothing into the model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 import modfit
 from modfit.archs import arch_for
+from modfit.methods import lora
 from modfit.model import ModularModel
 from modfit.registry import method_entry
 
@@ -150,6 +153,22 @@ def test_merge(method: str, family: Family) -> None:
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     torch.testing.assert_close(_run(family, model), unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_folded_equals_unfolded(method: str, family: Family, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora, "FOLD_TOKENS", 0)  # LoRA folds whatever the number of tokens
+    model = family.build()
+    mm = modfit.wrap(model)
+    _add(mm, "m", method, family)
+    _randomise(mm, "m")
+    mm.activate("m")
+    mm.fold_per_call = False
+    unfolded = _run(family, model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    mm.fold_per_call = True
+    torch.testing.assert_close(_run(family, model), unfolded, atol=1e-5, rtol=0)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -275,3 +275,43 @@ def test_training_step_equals_torchs() -> None:
     assert len(grads) == len(grads_torch) > 0
     for ours, theirs in zip(grads, grads_torch, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.5])
+def test_add_product_is_addmm(alpha: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    c, a, b = torch.randn(48, 40), torch.randn(48, 8), torch.randn(8, 40)
+    called: list[str] = []
+    binary = torch.ops.mkldnn._linear_pointwise.binary
+    assert fast_linear._has_binary_add()  # checked (and cached) before the spy goes in
+
+    class Spy:  # stands in for torch.ops.mkldnn._linear_pointwise, records oneDNN's use
+        def binary(self, *args: Any) -> torch.Tensor:
+            called.append("onednn")
+            return binary(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
+    expected = torch.addmm(c.double(), a.double(), b.double(), alpha=alpha)
+    out = fast_linear.add_product(c, a, b, alpha)
+    assert called == ["onednn"]
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(c, c.clone()) and out.data_ptr() != c.data_ptr()  # a new tensor
+
+
+def test_add_product_leaves_other_cases_to_torch() -> None:
+    c, a, b = (
+        torch.randn(6, 5, dtype=torch.float64),
+        torch.randn(6, 2, dtype=torch.float64),
+        torch.randn(2, 5),
+    )
+    out = fast_linear.add_product(c, a, b.double(), 3.0)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.addmm(c, a, b.double(), alpha=3.0))
+    leaf = torch.randn(2, 5, requires_grad=True)  # gradient recorded: torch's addmm, which has a backward
+    out = fast_linear.add_product(c.float(), a.float(), leaf)
+    out.sum().backward()
+    assert leaf.grad is not None
+    strided = torch.randn(5, 6).t()  # (6, 5), not contiguous
+    torch.testing.assert_close(
+        fast_linear.add_product(strided, a.float(), b), torch.addmm(strided, a.float(), b), atol=1e-6, rtol=0
+    )

@@ -1,16 +1,19 @@
 """modfit's CPU kernels in a forward: a `TorchFunctionMode` routes the frozen base model's
 torch calls to them, with no change to the model's classes or forward code.
 
-| torch call                                  | kernel                | switch (on by default)      |
-|---------------------------------------------|-----------------------|-----------------------------|
-| `F.dropout`, `F.scaled_dot_product_attention` | `modfit.fast_dropout` | `ModularModel.fast_dropout` |
-| (only attention with dropout)               |                       |                             |
-| `F.linear` in float32                       | `modfit.fast_linear`  | `ModularModel.fast_linear`  |
+| torch call                                    | kernel                | switch (on by default)        |
+|-----------------------------------------------|-----------------------|-------------------------------|
+| `F.dropout`, `F.scaled_dot_product_attention` | `modfit.fast_dropout` | `ModularModel.fast_dropout`   |
+| (only attention with dropout)                 |                       |                               |
+| `F.linear` in float32                         | `modfit.fast_linear`  | `ModularModel.fast_linear`    |
+| `F.linear` of a projection whose unit folds   | `modfit.folding`      | `ModularModel.fold_per_call`  |
+| into this call's weight (inference)           |                       |                               |
 
-Each kernel keeps to CPU tensors and hands any call it does not cover back to torch; every other
+Each kernel keeps to CPU tensors (folding, which adds no product of its own, applies on any device)
+and hands any call it does not cover back to torch; every other
 torch call passes through untouched. `install(model, entries)` enters the mode around the forward of
 the modules a caller may call first, reading the switches at each call: both kernels while the model
-trains, the linear one in eval (dropout is off there), and neither
+trains, the linear one and folding in eval (dropout is off there), and none of them
 
 - while `torch.compile` traces the model (inductor chooses its own kernels);
 - nor in training with activation checkpointing: the recomputation in backward runs outside the
@@ -31,7 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from . import fast_dropout, fast_linear
+from . import fast_dropout, fast_linear, folding
 from .base import is_checkpointing
 
 Route = Callable[[dict[str, Any]], torch.Tensor | None]  # a call's arguments by name -> result, or None
@@ -47,15 +50,19 @@ _ARGS: dict[Callable[..., Any], tuple[str, ...]] = {  # each routed function's p
 
 class CpuKernels(TorchFunctionMode):
     """Routes `F.dropout` and SDPA with dropout (if `dropout`) and `F.linear` (if `linear`) to modfit's
-    kernels; every other call, and any routed call a kernel does not cover, runs as without the mode."""
+    kernels, and (if `fold`) gives an `F.linear` the weight a site offered for it (`folding.py`);
+    every other call, and any routed call a kernel does not cover, runs as without the mode."""
 
-    def __init__(self, dropout: bool = True, linear: bool = True) -> None:
+    def __init__(self, dropout: bool = True, linear: bool = True, fold: bool = False) -> None:
         super().__init__()
         self.routes: dict[Callable[..., Any], Route] = {}
+        self.fold = fold
         if dropout:
             self.routes[F.dropout] = fast_dropout.route_dropout
             self.routes[F.scaled_dot_product_attention] = fast_dropout.route_attention
-        if linear:
+        if fold:
+            self.routes[F.linear] = partial(folding.route, inner=fast_linear.route if linear else None)
+        elif linear:
             self.routes[F.linear] = fast_linear.route
 
     def __torch_function__(
@@ -86,7 +93,15 @@ def _kernels(owner: nn.Module) -> CpuKernels | None:
         return None
     dropout = owner.training and bool(owner.__dict__.get(fast_dropout.SWITCH, False))
     linear = bool(owner.__dict__.get(fast_linear.SWITCH, False))
-    return CpuKernels(dropout, linear) if dropout or linear else None
+    fold = not owner.training and bool(owner.__dict__.get(folding.SWITCH, False))
+    return CpuKernels(dropout, linear, fold) if dropout or linear or fold else None
+
+
+def folding_on() -> bool:
+    """Whether this thread runs inside a model's forward whose `CpuKernels` mode folds (see
+    `folding.py`): only then does an offered weight reach the product."""
+    stack: list[CpuKernels | None] = _local.__dict__.get("modes", [])
+    return bool(stack) and stack[-1] is not None and stack[-1].fold
 
 
 def _enter(owner: nn.Module, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -102,6 +117,8 @@ def _leave(owner: nn.Module, module: nn.Module, args: Any, kwargs: Any, output: 
     mode = stack.pop() if stack else None
     if mode is not None:
         mode.__exit__(None, None, None)
+    if not stack:  # the outermost forward ends: no offer outlives it (one left by a forward that raised)
+        folding.clear()
 
 
 def install(owner: nn.Module, entries: list[nn.Module]) -> list[RemovableHandle]:

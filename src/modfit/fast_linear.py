@@ -116,6 +116,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias) if out is None else out
 
 
+@functools.cache
+def _has_binary_add() -> bool:
+    """Whether oneDNN's inner product with an added tensor (a "binary add" post-op) runs here."""
+    if not available():
+        return False
+    a, b, c = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3), torch.ones(2, 4)
+    try:
+        out = torch.ops.mkldnn._linear_pointwise.binary(a, c, b, None, "add")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return torch.equal(out, torch.addmm(c, a, b.t()))
+
+
+def add_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """c + alpha · a b, a new tensor: c (m, n), a (m, k), b (k, n) -> (m, n). By oneDNN with the sum in
+    the product's epilogue (one pass over c) for float32 CPU tensors, else `torch.addmm`.
+
+    Why: for a thin k (a LoRA rank), forming W + s·BA is a pass over W; `torch.addmm` copies c into
+    the output first and then runs a product that reads and writes it again: 116 against 73 us at
+    768 x 768, r = 8, and 357 against 115 us at 1024 x 1024 (2 threads, AMD EPYC Zen 5)."""
+    plain_c = (
+        type(c) in _PLAIN and c.dtype == torch.float32 and c.layout == torch.strided and c.is_contiguous()
+    )
+    records = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, c))  # the op has no backward
+    if (
+        plain_c
+        and not records
+        and c.device.type == "cpu"
+        and c.shape == (a.shape[0], b.shape[1])
+        and _applies(a, b.t(), None)
+        and _has_binary_add()
+    ):
+        scaled = a if alpha == 1.0 else a * alpha  # (m, k): cheaper to scale than the (m, n) result
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(scaled, c, b.t(), None, "add")
+        return out
+    return torch.addmm(c, a, b, alpha=alpha)
+
+
 def route(call: dict[str, Any]) -> torch.Tensor | None:
     """An `F.linear` call (its arguments by name) through oneDNN, or None where torch's own runs it."""
     x, weight, bias = call.get("input"), call.get("weight"), call.get("bias")

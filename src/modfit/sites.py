@@ -16,6 +16,10 @@ the input (`h + s·B A x`), a sequential adapter transforms `h`, a parallel adap
 the residual `r`. A site may also read the residual stream `r` from another module's forward input
 (a pre-hook), because parallel adapters and Pfeiffer's layer-norm placement need it.
 
+In inference, a site whose one active unit can fold into the projection (LoRA, DoRA) may instead
+offer the watched `nn.Linear` a weight with the unit's change in it for that call, from a pre-hook
+(`folding.py`); the output then holds the unit's change already and the output hook leaves it.
+
 Sites live in the `ModularModel`'s container (a child of the HuggingFace model, so the Trainer,
 DDP and `.to()` see their parameters); removing the last unit removes the hooks.
 """
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import torch
 from torch import nn
 
+from . import cpu_kernels, folding
 from .archs import InputRef
 from .targets import ResolvedHookPoint
 
@@ -102,6 +107,8 @@ class Unit(nn.Module):
             parameters (Polytropon's skills, `methods/poly_skills.py`): the forward depends on the
             unit's own parameters only, edits no input and shares nothing with other units.
         writes_in_place: whether `forward()` writes its result into `h` when `call.writable`.
+        folds_per_call: whether `folded_weight()` may give the weight of one inference call with this
+            unit's change in it (`folding.py`); the site then adds a pre-hook to offer it.
         siblings: the units of this class running alone at sibling sites (children of the same
             parent module, which a transformer usually calls on the same input), set by the model
             at each activation (`siblings.py`); None when this unit runs with others or has none.
@@ -114,6 +121,7 @@ class Unit(nn.Module):
     whole_output: ClassVar[bool] = False
     averageable: ClassVar[bool] = False
     writes_in_place: ClassVar[bool] = False
+    folds_per_call: ClassVar[bool] = False
     siblings: SiblingGroup | None = None
 
     def forward(self, h: Any, call: SiteCall) -> Any:  # pragma: no cover - abstract
@@ -122,6 +130,12 @@ class Unit(nn.Module):
     def before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Rewrite the watched module's inputs (only called when `edits_input`)."""
         return args, kwargs
+
+    def folded_weight(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+        """For one inference call of the projection `base` on x, (..., in): `base.weight` with this
+        unit's change in it, (out, in), a new tensor, where that is cheaper than this unit's forward;
+        None (the default) to run the forward. Only asked when `folds_per_call`."""
+        return None
 
     def deltas(self, base: nn.Module) -> dict[str, torch.Tensor]:
         """Additive changes to the watched module's parameters, by parameter name ("weight",
@@ -178,7 +192,8 @@ class Attachment:
 
 
 class _Ref:
-    """Holds a module without registering it as a child (the site must not own base modules)."""
+    """Holds a module without registering it as a child (the site must not own base modules, nor list
+    a unit of its `units` twice)."""
 
     __slots__ = ("module",)
 
@@ -204,6 +219,7 @@ class Site(nn.Module):
         self._residual_module = _Ref(None)
         self._active: list[Unit] = []
         self._editors: list[Unit] = []  # active units with `before()`
+        self._folder = _Ref(None)  # the active unit, when it runs alone and can fold (not a child)
         self._plain_output = True  # no active unit wants the raw output
         self._input_hooked = False
         self._stash = _PerThread()
@@ -243,8 +259,8 @@ class Site(nn.Module):
         if name in self.units:
             raise ValueError(f"site {self.path} already holds a unit of module '{name}'")
         self.units[name] = unit
-        if any(part.edits_input for part in unit.parts()) and not self._input_hooked:
-            # registered only once a unit needs it: projection sites of LoRA pay for no pre-hook
+        wants_input = any(part.edits_input or part.folds_per_call for part in unit.parts())
+        if wants_input and not self._input_hooked:  # registered only once a unit needs it
             self._handles.append(self.target.register_forward_pre_hook(self._on_input, with_kwargs=True))
             self._input_hooked = True
 
@@ -261,6 +277,7 @@ class Site(nn.Module):
         self._active = list(items)
         self._editors = list(editors)
         self._plain_output = not any(getattr(u, "whole_output", False) for u in self._active)
+        self._folder = _Ref(self._lone_folder())
 
     def set_active(self, names: list[str]) -> None:
         """Activate the units of these modules, in this order within each stage."""
@@ -268,11 +285,17 @@ class Site(nn.Module):
         self._active = sorted(units, key=lambda u: u.stage)  # stable: keeps composition order
         self._editors = [u for u in self._active if u.edits_input]
         self._plain_output = not any(u.whole_output for u in self._active)
+        self._folder = _Ref(self._lone_folder())
 
     def lone_unit(self) -> Unit | None:
         """The unit that runs alone here (one active unit, no composition node), or None."""
         active = self._active
         return active[0] if len(active) == 1 and isinstance(active[0], Unit) else None
+
+    def _lone_folder(self) -> Unit | None:
+        lone = self.lone_unit()
+        ok = lone is not None and lone.folds_per_call and not self._editors and self._plain_output
+        return lone if ok else None
 
     def close(self) -> None:
         """Remove the hooks; the site must not be used afterwards."""
@@ -306,11 +329,33 @@ class Site(nn.Module):
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        if not self._editors or self._bypassed():
+        if self._bypassed():
+            return None
+        folder = self._folder.module
+        if folder is not None:
+            self._offer_fold(cast(Unit, folder), module, args, kwargs)
+            return None
+        if not self._editors:
             return None
         for unit in self._editors:
             args, kwargs = unit.before(args, kwargs)
         return args, kwargs
+
+    def _offer_fold(
+        self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Offer this call's weight with `unit`'s change in it (`folding.py`) where it is safe: an exact
+        `nn.Linear` (its forward is one `F.linear` on its own weight, whose output it returns), no
+        gradient recorded, no hook of anyone else that could see the folded output, the mode that
+        hands the weight to the product active on this thread."""
+        if torch.is_grad_enabled() or type(module) is not nn.Linear or not cpu_kernels.folding_on():
+            return
+        x = args[0] if args else kwargs.get("input")
+        if type(x) is not torch.Tensor or not _only_hooks(module):
+            return
+        folded = unit.folded_weight(module, x)
+        if folded is not None:
+            folding.offer(module.weight, folded)
 
     def _on_output(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -320,6 +365,8 @@ class Site(nn.Module):
             return None  # leave the output untouched
         residual = self._stash.residual
         self._stash.residual = None  # do not keep activations alive after this call
+        if self._folder.module is not None and folding.settle() is not None:
+            return None  # the product ran with the folded weight: the unit's change is in the output
         raw_args = args
         if not args and kwargs:
             args = tuple(kwargs.values())
@@ -351,15 +398,20 @@ def _writable(module: nn.Module, h: Any, call: SiteCall) -> bool:
     recorded, the site's hook is the only forward hook (one registered before it may have kept the
     output; one after it gets what the units return anyway), and `h` shares no memory with the
     module's inputs or the residual (a module such as dropout in eval returns its input itself)."""
-    if torch.is_grad_enabled() or type(h) is not torch.Tensor:
-        return False
-    # torch keeps global forward hooks in a private dict: where it is gone, assume some are there
-    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
-    if len(module._forward_hooks) != 1 or global_hooks is None or len(global_hooks) > 0:
+    if torch.is_grad_enabled() or type(h) is not torch.Tensor or not _only_hooks(module):
         return False
     storage = h.untyped_storage().data_ptr()
     others = (*call.args, *call.kwargs.values(), call.residual)
     return all(not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() != storage for t in others)
+
+
+def _only_hooks(module: nn.Module) -> bool:
+    """Whether the site's output hook is `module`'s only forward hook and no global one exists (one
+    registered before it may keep or read the module's raw output; one after it gets what the units
+    return anyway)."""
+    # torch keeps global forward hooks in a private dict: where it is gone, assume some are there
+    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
+    return len(module._forward_hooks) == 1 and global_hooks is not None and len(global_hooks) == 0
 
 
 def _map_first(output: Any, unit: Unit, call: SiteCall) -> Any:

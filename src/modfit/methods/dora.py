@@ -111,6 +111,17 @@ class DoraUnit(LoraUnit):
         change = (ratio - 1) * base + ratio * lora
         return h + change.to(h.dtype)
 
+    def folded_weight(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+        """W' = ratio ⊙ (W + s·BA) for one inference call, at any number of tokens: the forward forms
+        W + s·BA for its norm on every call anyway. Not with dropout running (the base part would read
+        the dropped input), nor into a weight of another dtype."""
+        weight = base.weight
+        if (self.training and isinstance(self.dropout, nn.Dropout)) or self.fan_in_fan_out:
+            return None
+        if weight.dtype != self.lora_A.dtype or weight.device != self.lora_A.device:
+            return None
+        return self.merged_weight(weight)
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """W' = ratio ⊙ (W + s·BA) in the weight's layout, in the unit's dtype."""
         return (weight.to(self.lora_A.dtype) + self.delta_weight()) * self._along_out(self.ratio(weight))

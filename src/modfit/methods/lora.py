@@ -33,11 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import fast_linear
 from ..config import ModuleConfig, check
 from ..registry import register_method
 from ..sites import Attachment, SiteCall, Unit
 from ..targets import ModelView, projection_shape
 from .lora_shared import shared_down_projection
+
+# Folding pays from about in·out/(in + out) tokens (equal multiply-adds); twice that leaves a margin for
+# the pass over W that forming W' takes (`bench/peers.py --parts overhead --variants unfolded`).
+FOLD_TOKENS = 2
 
 
 class LoraUnit(Unit):
@@ -53,6 +58,7 @@ class LoraUnit(Unit):
     mergeable = True
     averageable = True
     writes_in_place = True  # in inference, the branch is added into the projection's output itself
+    folds_per_call = True  # in inference on many tokens, W + s·BA for the call (folding.py)
 
     def __init__(
         self,
@@ -93,6 +99,21 @@ class LoraUnit(Unit):
                 out = torch.addmm(h2d, xa2d, self.lora_B.t(), alpha=self.scale)
             return out.view(h.shape)
         return h + ((xa @ self.lora_B.t()) * self.scale).to(h.dtype)
+
+    def folded_weight(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+        """W + s·BA, (out, in), for one inference call on x where its in·out·r multiply-adds cost less
+        than the branch's tokens·r·(in + out): from FOLD_TOKENS·in·out/(in + out) tokens on. Not with
+        dropout running, nor into a weight of another dtype (a bfloat16 W would round the change away)."""
+        weight = base.weight
+        if (self.training and isinstance(self.dropout, nn.Dropout)) or self.fan_in_fan_out:
+            return None
+        if weight.dtype != self.lora_A.dtype or weight.device != self.lora_A.device:
+            return None
+        out_features, in_features = weight.shape
+        tokens = x.numel() // in_features
+        if tokens * (in_features + out_features) < FOLD_TOKENS * in_features * out_features:
+            return None
+        return fast_linear.add_product(weight, self.lora_B, self.lora_A, self.scale)  # (out, r) @ (r, in)
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A in the base weight's layout: (out, in), or (in, out) for Conv1D."""
@@ -157,6 +178,7 @@ class GatedLoraUnit(LoraUnit):
 
     mergeable = False
     writes_in_place = False  # its own forward: h + gate · branch
+    folds_per_call = False  # the gate depends on the input
 
     def __init__(self, in_features: int, out_features: int, *args: Any, **kwargs: Any) -> None:
         super().__init__(in_features, out_features, *args, **kwargs)
