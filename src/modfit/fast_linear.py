@@ -134,8 +134,10 @@ def add_product(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float 
     the product's epilogue (one pass over c) for float32 CPU tensors, else `torch.addmm`.
 
     Why: for a thin k (a LoRA rank), forming W + s·BA is a pass over W; `torch.addmm` copies c into
-    the output first and then runs a product that reads and writes it again: 116 against 73 us at
-    768 x 768, r = 8, and 357 against 115 us at 1024 x 1024 (2 threads, AMD EPYC Zen 5)."""
+    the output first and then runs a product that reads and writes it again. Between a model's
+    products, with W out of cache: 55 against 68 us at 384 x 384, 98 against 225 at 768 x 768, 150
+    against 570 at 1024 x 1024, r = 8 (`bench/fold_cost.py --widths 384,512,640,768,1024 --tokens
+    2048`, 2 threads, AMD EPYC Zen 5)."""
     plain_c = (
         type(c) in _PLAIN and c.dtype == torch.float32 and c.layout == torch.strided and c.is_contiguous()
     )
