@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import modfit
-from modfit import folding
+from modfit import cpu_kernels, folding
 from modfit.methods.lora import LoraUnit
-from modfit.sites import Unit
+from modfit.sites import Site, Unit
 
 if TYPE_CHECKING:
     from conftest import Family
@@ -262,3 +262,38 @@ def test_a_unit_declining_to_fold_runs_its_forward(
     folded, unfolded = _both(mm, **_inputs())
     assert folds.offered == 0
     assert torch.equal(folded, unfolded)
+
+
+def test_the_mode_is_entered_for_folding_only_where_a_site_may_fold(tiny: Callable[[str], Family]) -> None:
+    """With modfit's products off, an eval forward runs under modfit's mode only while some active unit
+    can fold (the mode sees every torch call: a model with nothing to fold keeps torch's path)."""
+    mm = _model(tiny)
+    mm.fast_linear = False
+    seen: list[bool] = []
+    layer = mm.model.get_submodule("encoder.layer.0")
+    layer.register_forward_pre_hook(lambda module, args: seen.append(cpu_kernels.folding_on()))
+    modes = cpu_kernels._local.__dict__
+    layer.register_forward_pre_hook(lambda module, args: seen.append(modes["modes"][-1] is not None))
+    with torch.no_grad():
+        mm.activate("a")
+        mm.model(**_inputs())
+        mm.deactivate()
+        mm.model(**_inputs())
+        mm.activate("a")
+        mm.fold_per_call = False
+        mm.model(**_inputs())
+    assert seen == [True, True, False, False, False, False]
+
+
+def test_removing_the_folding_unit_from_its_site_stops_folding() -> None:
+    site = Site("q", nn.Linear(8, 8))
+    site.add_unit("a", LoraUnit(8, 8, r=2, alpha=2))
+    site.add_unit("b", LoraUnit(8, 8, r=2, alpha=2))
+    site.set_active(["a"])
+    assert site.folds
+    site.remove_unit("a")
+    assert not site.folds
+    site.set_active(["b"])
+    assert site.folds  # b alone
+    site.set_active([])
+    assert not site.folds

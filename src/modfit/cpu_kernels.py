@@ -93,7 +93,10 @@ def _kernels(owner: nn.Module) -> CpuKernels | None:
         return None
     dropout = owner.training and bool(owner.__dict__.get(fast_dropout.SWITCH, False))
     linear = bool(owner.__dict__.get(fast_linear.SWITCH, False))
-    fold = not owner.training and bool(owner.__dict__.get(folding.SWITCH, False))
+    # folding needs the mode only where some site may fold: a model without one keeps torch's path
+    fold = not owner.training and bool(
+        owner.__dict__.get(folding.SWITCH) and owner.__dict__.get(folding.ARMED)
+    )
     return CpuKernels(dropout, linear, fold) if dropout or linear or fold else None
 
 

@@ -17,11 +17,11 @@ removing modules cost what they did.
 How: a site whose lone unit can fold (`Unit.folds_per_call`) offers W' from a forward pre-hook on the
 watched `nn.Linear` (`Site._on_input`), only where no gradient is recorded, the site's hooks are the
 module's only ones and modfit's `CpuKernels` mode, which sees every `F.linear`, is active with
-folding on (`ModularModel.fold_per_call`). The mode's `F.linear` route (`route` here) takes the offer
-when the call's weight is the offered module's own weight, and keeps the output it produced; the
-site's output hook then finds that output (`settle`) and leaves it as it is. An offer nobody took
-(another code path ran) is dropped there and the unit runs as usual; one left by a forward that
-raised is dropped when the mode exits (`clear`).
+folding on (`ModularModel.fold_per_call`, the model in eval, some site of it able to fold). The
+mode's `F.linear` route (`route` here) takes the offer when the call's weight is the offered
+module's own weight, and keeps the output it produced; the site's output hook then finds that output
+(`settle`) and leaves it as it is. An offer nobody took (another code path ran) is dropped there and
+the unit runs as usual; one left by a forward that raised is dropped when the mode exits (`clear`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 SWITCH = "_modfit_fold_per_call"  # the model attribute `cpu_kernels` reads (ModularModel.fold_per_call)
+ARMED = "_modfit_folds"  # the model attribute saying whether any site may fold (set at each activation)
 
 Route = Callable[[dict[str, Any]], torch.Tensor | None]
 

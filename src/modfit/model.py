@@ -469,6 +469,7 @@ class ModularModel(nn.Module):
             else:
                 cast(Site, site).set_active(plan)
         group_siblings(existing.all_sites())
+        self.model.__dict__[folding.ARMED] = any(site.folds for site in existing.all_sites())
 
     @property
     def active(self) -> Composition | None:

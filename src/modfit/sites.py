@@ -269,6 +269,8 @@ class Site(nn.Module):
         parts = cast(Unit, self.units[name]).parts()
         del self.units[name]
         self._active = [u for u in self._active if not any(u is p for p in parts)]
+        self._editors = [u for u in self._editors if not any(u is p for p in parts)]
+        self._folder = _Ref(self._lone_folder())
 
     def set_plan(self, items: list[Any], editors: list[Unit]) -> None:
         """Run `items` in order on the output: units, or the combining nodes of a composition tree
@@ -291,6 +293,11 @@ class Site(nn.Module):
         """The unit that runs alone here (one active unit, no composition node), or None."""
         active = self._active
         return active[0] if len(active) == 1 and isinstance(active[0], Unit) else None
+
+    @property
+    def folds(self) -> bool:
+        """Whether this site's one active unit may fold into its projection's weight (`folding.py`)."""
+        return self._folder.module is not None
 
     def _lone_folder(self) -> Unit | None:
         lone = self.lone_unit()
