@@ -10,10 +10,10 @@ torch calls to them, with no change to the model's classes or forward code.
 | into this call's weight (inference)           |                       |                               |
 
 Each kernel keeps to CPU tensors (folding, which adds no product of its own, applies on any device)
-and hands any call it does not cover back to torch; every other
-torch call passes through untouched. `install(model, entries)` enters the mode around the forward of
-the modules a caller may call first, reading the switches at each call: both kernels while the model
-trains, the linear one and folding in eval (dropout is off there), and none of them
+and hands any call it does not cover back to torch; every other torch call passes through
+untouched. `install(model, entries)` enters the mode around the forward of the modules a caller may
+call first, reading the switches at each call: both kernels while the model trains, the linear one
+and folding in eval (dropout is off there), and none of them
 
 - while `torch.compile` traces the model (inductor chooses its own kernels);
 - nor in training with activation checkpointing: the recomputation in backward runs outside the

@@ -24,6 +24,9 @@ without the autograd wrapper, and only from `MIN_MACS` multiply-adds up: oneDNN'
 makes it the slower one for a few rows through a small matrix (a decoding step through MiniLM's
 384 x 384 projections: 14 us against MKL's 8 us for one row; from 4 rows, or from 768 x 768 at one
 row, it is as fast or faster: `bench/linear_kernels.py --tokens 1,2,4,16`).
+
+`add_product(c, a, b, alpha)` forms c + alpha · a b the same way, with the sum in oneDNN's product
+(one pass over c): a LoRA module folded into one inference call's weight, W + s·BA (`folding.py`).
 """
 
 from __future__ import annotations
