@@ -64,10 +64,13 @@ def _profiled(run: Callable[[], object], passes: int) -> tuple[float, dict[str, 
 def _lora_own(ops: dict[str, float]) -> float:
     """The LoRA module's operators: its down-projections onto r rows, or 2r for query's and value's
     A stacked (methods/lora_shared.py) with the stacking and the split, and its addmm_; or, folded,
-    the addmm forming W + s·BA from W (out, in) and B (out, r)."""
+    the product forming W + s·BA from W (out, in) and B (out, r)."""
     own = ("aten::addmm_", "aten::cat", "aten::split_with_sizes")
-    # the second input is A, (r or 2r, in), or for the folded weight's addmm B, (out, r)
-    weight = re.compile(rf", \[({RANK}|{2 * RANK}), \d+\]\]$|^aten::addmm \[.*, {RANK}\]\]$")
+    # the second input is A, (r or 2r, in); forming the folded weight, torch's addmm gets B (out, r)
+    # second, oneDNN's product (fast_linear.add_product) first
+    weight = re.compile(
+        rf", \[({RANK}|{2 * RANK}), \d+\]\]$|^aten::addmm \[.*, {RANK}\]\]$|^mkldnn::\w+ \[\[\d+, {RANK}\]"
+    )
     return sum(ms for key, ms in ops.items() if key.startswith(own) or weight.search(key))
 
 
