@@ -64,6 +64,23 @@ def test_module_compiles_into_one_graph_with_the_eager_output(method: str) -> No
     assert (eager - modfit.wrap(tiny_bert()).model(input_ids=ids).last_hidden_state).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("method", ONE_GRAPH)
+def test_inference_compiles_into_one_graph_with_the_eager_output(method: str) -> None:
+    """Under no_grad, eager units take their in-place or folded paths (sites.py, folding.py); compiled,
+    neither is traced (storage pointers, the thread's kernel mode), and the graph stays whole."""
+    base = tiny_bert()
+    mm = modfit.wrap(base)
+    torch.manual_seed(1)
+    mm.add("m", modfit.config(method))
+    _randomised(mm, "m", seed=2)
+    mm.activate("m")
+    ids = torch.randint(3, 24, (4, 16))  # 64 tokens: LoRA folds in eager (tests/test_folding.py)
+    with torch.no_grad():
+        eager = base(input_ids=ids).last_hidden_state
+        compiled = torch.compile(base, backend="aot_eager", fullgraph=True)(input_ids=ids).last_hidden_state
+    assert (compiled - eager).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize(
     ("method", "params"),
     [

@@ -355,7 +355,9 @@ class Site(nn.Module):
         `nn.Linear` (its forward is one `F.linear` on its own weight, whose output it returns), no
         gradient recorded, no hook of anyone else that could see the folded output, the mode that
         hands the weight to the product active on this thread."""
-        if torch.is_grad_enabled() or type(module) is not nn.Linear or not cpu_kernels.folding_on():
+        if torch.is_grad_enabled() or type(module) is not nn.Linear or torch.compiler.is_compiling():
+            return
+        if not cpu_kernels.folding_on():  # (the mode is never entered while compiling)
             return
         x = args[0] if args else kwargs.get("input")
         if type(x) is not torch.Tensor or not _only_hooks(module):
@@ -406,6 +408,8 @@ def _writable(module: nn.Module, h: Any, call: SiteCall) -> bool:
     output; one after it gets what the units return anyway), and `h` shares no memory with the
     module's inputs or the residual (a module such as dropout in eval returns its input itself)."""
     if torch.is_grad_enabled() or type(h) is not torch.Tensor or not _only_hooks(module):
+        return False
+    if torch.compiler.is_compiling():  # storage pointers are not traceable; the compiler plans memory
         return False
     storage = h.untyped_storage().data_ptr()
     others = (*call.args, *call.kwargs.values(), call.residual)
