@@ -14,7 +14,7 @@ timed in turn round after round, of:
 - `addmm`: the same W + s·BA formed by `torch.addmm` alone, and `oneDNN`: by `add_product` alone.
 
 It prints what `branch` and `folded` add to `base`, and the number of rows from which LoRA folds
-(`FOLD_TOKENS · in · out / (in + out)`). Rank `--rank`, 2 threads by default.
+(`methods.lora.fold_tokens`: 2 · in · out / (in + out)). Rank `--rank`, 2 threads by default.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from _timing import timed
 
 from modfit import fast_linear
-from modfit.methods.lora import FOLD_TOKENS
+from modfit.methods.lora import fold_tokens
 
 
 def kinds(tokens: int, width: int, rank: int) -> dict[str, Callable[[], object]]:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| width | rows | base | branch adds | folded adds | W + s·BA: addmm | oneDNN |")
     print("|---|---|---|---|---|---|---|")
     for width in (int(w) for w in args.widths.split(",")):
-        threshold = FOLD_TOKENS * width * width / (2 * width)
+        threshold = fold_tokens(width, width)
         for tokens in (int(t) for t in args.tokens.split(",")):
             runs = kinds(tokens, width, args.rank)
             us: dict[str, list[float]] = defaultdict(list)

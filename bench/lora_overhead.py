@@ -8,10 +8,10 @@ Each round profiles `--passes` forwards (eval, no_grad, batch `--batch` x `--len
 off, then on (the order flips every round), after one unprofiled warm-up forward each, and prints per
 forward: wall time, the operators' summed self CPU time, the LoRA module's own operators (its
 down-projection, an `F.linear` onto r rows or 2r for query's and value's A stacked, and its
-`addmm_`; folded, W + s·BA formed by one `addmm` per projection, src/modfit/folding.py), and the
-largest changes per operator and input shape. The profiler inflates small operators; compare the
-on/off pairs, not absolute times. `--unfolded` profiles the branch's two products instead of the
-folded weight (`mm.fold_per_call = False`).
+`addmm_`; folded, W + s·BA formed by one oneDNN product per projection, `fast_linear.add_product`,
+src/modfit/folding.py), and the largest changes per operator and input shape. The profiler inflates
+small operators; compare the on/off pairs, not absolute times. `--unfolded` profiles the branch's two
+products instead of the folded weight (`mm.fold_per_call = False`).
 
     PYTHONPATH=src .venv/peer/bin/python bench/lora_overhead.py --model bert-base --pieces 10
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 import modfit
 from modfit.config import ConfigError
@@ -42,6 +43,17 @@ def _randomised(mm: modfit.ModularModel, name: str, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
+def _with_active_module(method: str) -> nn.Module:
+    """A tiny BERT with module "m" of `method` (default config, randomised parameters) active."""
+    base = tiny_bert()
+    mm = modfit.wrap(base)
+    torch.manual_seed(1)
+    mm.add("m", modfit.config(method))
+    _randomised(mm, "m", seed=2)
+    mm.activate("m")
+    return base
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> Any:
     torch._dynamo.reset()
@@ -51,12 +63,7 @@ def _fresh_dynamo() -> Any:
 
 @pytest.mark.parametrize("method", ONE_GRAPH)
 def test_module_compiles_into_one_graph_with_the_eager_output(method: str) -> None:
-    base = tiny_bert()
-    mm = modfit.wrap(base)
-    torch.manual_seed(1)
-    mm.add("m", modfit.config(method))
-    _randomised(mm, "m", seed=2)
-    mm.activate("m")
+    base = _with_active_module(method)
     ids = torch.randint(3, 24, (2, 7))
     eager = base(input_ids=ids).last_hidden_state
     compiled = torch.compile(base, backend="aot_eager", fullgraph=True)(input_ids=ids).last_hidden_state
@@ -68,12 +75,7 @@ def test_module_compiles_into_one_graph_with_the_eager_output(method: str) -> No
 def test_inference_compiles_into_one_graph_with_the_eager_output(method: str) -> None:
     """Under no_grad, eager units take their in-place or folded paths (sites.py, folding.py); compiled,
     neither is traced (storage pointers, the thread's kernel mode), and the graph stays whole."""
-    base = tiny_bert()
-    mm = modfit.wrap(base)
-    torch.manual_seed(1)
-    mm.add("m", modfit.config(method))
-    _randomised(mm, "m", seed=2)
-    mm.activate("m")
+    base = _with_active_module(method)
     ids = torch.randint(3, 24, (4, 16))  # 64 tokens: LoRA folds in eager (tests/test_folding.py)
     with torch.no_grad():
         eager = base(input_ids=ids).last_hidden_state

@@ -116,11 +116,7 @@ class DoraUnit(LoraUnit):
         W + s·BA for its norm on every call anyway. Not with dropout running (the base part would read
         the dropped input), nor into a weight of another dtype."""
         weight = base.weight
-        if (self.training and isinstance(self.dropout, nn.Dropout)) or self.fan_in_fan_out:
-            return None
-        if weight.dtype != self.lora_A.dtype or weight.device != self.lora_A.device:
-            return None
-        return self.merged_weight(weight)
+        return self.merged_weight(weight) if self._foldable_into(weight) else None
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """W' = ratio ⊙ (W + s·BA) in the weight's layout, in the unit's dtype."""

@@ -45,6 +45,11 @@ from .lora_shared import shared_down_projection
 FOLD_TOKENS = 2
 
 
+def fold_tokens(in_features: int, out_features: int) -> float:
+    """The number of tokens from which a LoRA call on an (in -> out) projection folds (`folding.py`)."""
+    return FOLD_TOKENS * in_features * out_features / (in_features + out_features)
+
+
 class LoraUnit(Unit):
     """Low-rank delta on one projection.
 
@@ -105,15 +110,19 @@ class LoraUnit(Unit):
         than the branch's tokens·r·(in + out): from FOLD_TOKENS·in·out/(in + out) tokens on. Not with
         dropout running, nor into a weight of another dtype (a bfloat16 W would round the change away)."""
         weight = base.weight
-        if (self.training and isinstance(self.dropout, nn.Dropout)) or self.fan_in_fan_out:
-            return None
-        if weight.dtype != self.lora_A.dtype or weight.device != self.lora_A.device:
+        if not self._foldable_into(weight):
             return None
         out_features, in_features = weight.shape
-        tokens = x.numel() // in_features
-        if tokens * (in_features + out_features) < FOLD_TOKENS * in_features * out_features:
+        if x.numel() // in_features < fold_tokens(in_features, out_features):
             return None
         return fast_linear.add_product(weight, self.lora_B, self.lora_A, self.scale)  # (out, r) @ (r, in)
+
+    def _foldable_into(self, weight: torch.Tensor) -> bool:
+        """Whether this unit's change may go into `weight` for a call: no dropout running (the branch
+        reads a dropped input), an (out, in) weight (not Conv1D's), of this unit's dtype and device."""
+        dropping = self.training and isinstance(self.dropout, nn.Dropout)
+        same = weight.dtype == self.lora_A.dtype and weight.device == self.lora_A.device
+        return not dropping and not self.fan_in_fan_out and same
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A in the base weight's layout: (out, in), or (in, out) for Conv1D."""
